@@ -1,0 +1,63 @@
+"""The base class of every probe, built-in or third party."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+OPEN_OBJECT: dict = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+class Probe:
+    """A measurement run on one cell (one sweep point at one checkpoint).
+
+    Subclasses set:
+
+    ``name``
+        the name used in specs (``probe: NAME``).
+    ``schema``
+        JSON Schema (draft-07 keywords) of the entry's ``with:`` block.
+        ``default`` values of top-level properties are filled in before
+        :meth:`run` and stored in the group's ``params`` attribute.
+    ``requires``
+        names of shared artifacts (``"hessian.eigen"``, ...) the probe asks
+        the context for; they appear in ``basinprobe plan`` and are computed
+        once per cell however many probes request them with equal arguments.
+    ``scope``
+        ``"cell"`` (default): :meth:`run` is called per cell.
+    ``description``
+        one line for ``basinprobe probes``.
+
+    and implement :meth:`run`, returning an ``xarray.Dataset`` whose variables
+    carry the probe's own dims only; the runtime adds the cell dims (sweep axes
+    and ``checkpoint``). Dims must not be named ``method``, ``tolerance``,
+    ``drop`` or ``indexers`` (keywords of ``Dataset.sel``).
+    """
+
+    name: ClassVar[str] = ""
+    schema: ClassVar[dict] = OPEN_OBJECT
+    requires: ClassVar[tuple[str, ...]] = ()
+    scope: ClassVar[str] = "cell"
+    description: ClassVar[str] = ""
+
+    def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Fill the schema's top-level defaults into a validated ``with:`` block."""
+        resolved = {
+            key: copy.deepcopy(prop["default"])
+            for key, prop in self.schema.get("properties", {}).items()
+            if "default" in prop
+        }
+        resolved.update(params)
+        return resolved
+
+    def artifact_requests(self, params: dict[str, Any]) -> list[tuple[str, dict]]:
+        """The shared artifacts a run with ``params`` will request, for the plan."""
+        return [(name, {}) for name in self.requires]
+
+    def cost(self, params: dict[str, Any], n_params: int, n_train: int) -> float:
+        """A rough cost in forward-pass-equivalents over one sample, for the plan."""
+        return float(n_train)
+
+    def run(self, ctx, params: dict[str, Any]):
+        """Measure one cell; return an ``xarray.Dataset``."""
+        raise NotImplementedError(f"probe {self.name!r} does not implement run()")

@@ -1,0 +1,181 @@
+"""The ``basinprobe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_SPEC = 2
+
+
+def _spec(args):
+    from basinprobe.runtime.spec import load_spec
+
+    return load_spec(args.spec, output=getattr(args, "output", None))
+
+
+def cmd_validate(args) -> int:
+    spec = _spec(args)
+    cells = sum(1 for _ in spec.points())
+    print(f"{args.spec}: valid ({len(spec.probes)} probe entries, {cells} sweep points)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from basinprobe.registry import load_registry
+    from basinprobe.runtime.build import resolve_device, resolve_dtype
+    from basinprobe.runtime.execute import Workshop
+    from basinprobe.runtime.plan import compile_plan, estimate_cost
+
+    spec = _spec(args)
+    registry = load_registry()
+    plan = compile_plan(spec, registry)
+    shop = Workshop(spec, registry, resolve_device("cpu"), resolve_dtype(spec.dtype))
+    sizes = shop.preflight(plan)
+    cost = estimate_cost(plan, {k: v[0] for k, v in sizes.items()}, {k: v[1] for k, v in sizes.items()}, registry)
+    console = Console()
+    console.print(f"[bold]{spec.name}[/]: {len(plan.points)} sweep points, {len(plan.cells)} cells, "
+                  f"cell dims {spec.cell_dims} -> {spec.output}")
+    table = Table("point", "coords", "params", "source", "checkpoints", "data node")
+    data_nodes: dict[str, int] = {}
+    for point in plan.points:
+        data_nodes[point.data_node] = data_nodes.get(point.data_node, 0) + 1
+        table.add_row(point.key, json.dumps(point.coords), str(sizes[point.key][0]), point.source,
+                      str(point.steps), point.data_node[:40])
+    console.print(table)
+    cells = Table("cell", "probes", "shared artifacts (requested by)")
+    for cell in plan.cells[: args.max_cells]:
+        shared = "; ".join(f"{node} <- {', '.join(by)}" + (" [shared]" if len(by) > 1 else "")
+                           for node, by in cell.artifacts.items()) or "-"
+        cells.add_row(cell.key, ", ".join(e.name for e in cell.entries), shared)
+    console.print(cells)
+    if len(plan.cells) > args.max_cells:
+        console.print(f"... and {len(plan.cells) - args.max_cells} more cells")
+    shared_data = sum(n - 1 for n in data_nodes.values())
+    console.print(f"data sets built: {len(data_nodes)} (shared by {shared_data} further sweep points)")
+    console.print(f"estimated cost: training {cost['train']:.2e} flop; "
+                  + ", ".join(f"{k} {v:.2e} flop" for k, v in cost["probes"].items()))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from basinprobe.runtime.execute import run_spec
+    from basinprobe.runtime.progress import Reporter
+
+    spec = _spec(args)
+    report = run_spec(spec, overwrite=args.overwrite, device=args.device, reporter=Reporter(quiet=args.quiet))
+    for failure in report.failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    print(f"{report.store}: {report.done} cell results written, {report.skipped} kept from an earlier run, "
+          f"{len(report.failures)} failed" + (" (interrupted)" if report.interrupted else ""))
+    if report.interrupted:
+        return 130
+    return 0 if report.ok else 1
+
+
+def cmd_query(args) -> int:
+    from basinprobe.runtime.results import describe_tree, format_values, open_results, select
+
+    tree = open_results(args.store)
+    if not args.target:
+        print(describe_tree(tree))
+        return 0
+    print(format_values(select(tree, args.target, args.sel), args.format))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from basinprobe.runtime.results import open_results, plot, select
+
+    tree = open_results(args.store)
+    obj = select(tree, args.target, args.sel)
+    out = args.output or f"{args.target.replace('/', '_')}.png"
+    print(plot(obj, out))
+    return 0
+
+
+def cmd_probes(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from basinprobe.registry import load_registry
+
+    registry = load_registry()
+    table = Table("kind", "name", "plugin", "description")
+    for kind, items in (("probe", registry.probes), ("model", registry.models),
+                        ("dataset", registry.datasets), ("loss", registry.losses)):
+        for name, component in sorted(items.items()):
+            table.add_row(kind, name, component.plugin, component.description)
+    Console(width=160).print(table)
+    for dist, error in registry.broken:
+        print(f"plugin {dist!r} failed to load: {error}", file=sys.stderr)
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from basinprobe.runtime.spec import merged_schema
+
+    print(json.dumps(merged_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="basinprobe", description="Probe the loss landscape of a model from a YAML spec.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check a spec; errors name file:line:col")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("plan", help="print the compiled plan and a cost estimate")
+    p.add_argument("spec")
+    p.add_argument("--max-cells", type=int, default=20)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("run", help="run a spec and write its Zarr store")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", help="the store (default: the spec's output:)")
+    p.add_argument("--device", help="override the spec's device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--executor", choices=["local"], default="local")
+    p.add_argument("--overwrite", action="store_true", help="replace a store written by a different spec")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("query", help="show the store's tree, or a variable's values")
+    p.add_argument("store")
+    p.add_argument("target", nargs="?", help="GROUP or GROUP/VAR")
+    p.add_argument("--sel", action="append", default=[], metavar="DIM=VALUE")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_query)
+    p = sub.add_parser("plot", help="plot a variable to a PNG")
+    p.add_argument("store")
+    p.add_argument("target", help="GROUP/VAR")
+    p.add_argument("--sel", action="append", default=[], metavar="DIM=VALUE")
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("probes", help="list installed probes, models, datasets and losses")
+    p.set_defaults(func=cmd_probes)
+    p = sub.add_parser("schema", help="print the merged JSON Schema of the spec language")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv=None) -> int:
+    from basinprobe.registry import PluginError
+    from basinprobe.runtime.results import ResultsError
+    from basinprobe.runtime.spec import SpecError
+    from basinprobe.runtime.store import StoreMismatch
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: invalid spec\n{exc}", file=sys.stderr)
+        return EXIT_SPEC
+    except (StoreMismatch, ResultsError, PluginError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SPEC
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Compiling a spec into a plan: sweep points, their cells, and the nodes each cell needs.
+
+A cell is one sweep point at one checkpoint. Per cell the plan is a small DAG:
+the data set (shared by every point with the same data block), the model and
+its training run (shared by the point's checkpoints), the shared artifacts
+that probes request (one node per distinct name and arguments, however many
+probes ask for it) and the probes themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from basinprobe.registry import Registry, load_registry
+from basinprobe.runtime.spec import PointConfig, ProbeEntry, Spec
+
+
+@dataclass
+class CellPlan:
+    key: str
+    coords: dict
+    checkpoint: int
+    entries: list[ProbeEntry]
+    artifacts: dict[str, list[str]] = field(default_factory=dict)  # artifact node -> entries requesting it
+
+
+@dataclass
+class PointPlan:
+    key: str
+    index: int
+    coords: dict
+    config: PointConfig
+    steps: list[int]
+    cells: list[CellPlan]
+    data_node: str
+    source: str  # "train" | "files" | "init"
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    points: list[PointPlan]
+
+    @property
+    def cells(self) -> list[CellPlan]:
+        return [cell for point in self.points for cell in point.cells]
+
+
+def _data_node(config: PointConfig) -> str:
+    return f"data:{config.data.kind}:" + json.dumps([config.data.with_, config.data.seed], sort_keys=True)
+
+
+def checkpoint_steps(config: PointConfig) -> tuple[list[int], str]:
+    if config.train is not None:
+        return list(config.train.checkpoint_steps), "train"
+    if config.model.checkpoints:
+        return list(range(len(config.model.checkpoints))), "files"
+    return [0], "init"
+
+
+def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
+    registry = registry or load_registry()
+    points = []
+    for index, (coords, config) in enumerate(spec.points()):
+        steps, source = checkpoint_steps(config)
+        point_key = f"p{index:05d}"
+        cells = []
+        for step in steps:
+            entries = [e for e in spec.probes if step in e.selects(steps)]
+            if not entries:
+                continue
+            cell = CellPlan(f"{point_key}-c{step}", {**coords, "checkpoint": step}, step, entries)
+            for entry in entries:
+                probe = registry.probes[entry.probe].obj()
+                for name, kwargs in probe.artifact_requests(entry.params):
+                    node = f"{name}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
+                    cell.artifacts.setdefault(node, []).append(entry.name)
+            cells.append(cell)
+        points.append(PointPlan(point_key, index, coords, config, steps, cells, _data_node(config), source))
+    return Plan(spec, points)
+
+
+def estimate_cost(plan: Plan, n_params: dict[str, int], n_train: dict[str, int], registry: Registry | None = None) -> dict:
+    """Rough floating-point operation counts: training and each probe entry, summed over cells."""
+    registry = registry or load_registry()
+    train = 0.0
+    per_entry: dict[str, float] = {}
+    for point in plan.points:
+        n = n_params[point.key]
+        if point.config.train is not None:
+            t = point.config.train
+            train += 6.0 * n * t.steps * min(t.batch_size, n_train[point.key])
+        for cell in point.cells:
+            for entry in cell.entries:
+                probe = registry.probes[entry.probe].obj()
+                per_entry[entry.name] = per_entry.get(entry.name, 0.0) + 2.0 * n * probe.cost(
+                    entry.params, n, n_train[point.key])
+    return {"train": train, "probes": per_entry}

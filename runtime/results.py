@@ -1,0 +1,156 @@
+"""Reading a store back: the DataTree, selections, tables and plots."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+
+class ResultsError(Exception):
+    pass
+
+
+def open_results(path: str | Path) -> xr.DataTree:
+    """The store at ``path`` as an ``xarray.DataTree`` (one node per probe entry)."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise ResultsError(f"{path} is not a basinprobe store (no zarr.json); run a spec first")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*onsolidated.*")
+        return xr.open_datatree(str(path), engine="zarr")
+
+
+def _coerce(value: str, coord: xr.DataArray):
+    kind = coord.dtype.kind
+    try:
+        if kind in "iu":
+            return int(value)
+        if kind == "f":
+            return float(value)
+        if kind == "b":
+            return value.lower() in ("1", "true", "yes")
+    except ValueError:
+        raise ResultsError(f"{value!r} is not a valid value for {coord.name!r} ({coord.dtype})") from None
+    return value
+
+
+def select(tree: xr.DataTree, target: str, sel: list[str]) -> xr.DataArray | xr.Dataset:
+    """``GROUP`` or ``GROUP/VAR``, narrowed by ``dim=value`` selections."""
+    group, _, var = target.partition("/")
+    if group not in tree.children:
+        groups = ", ".join(k for k in tree.children if not k.startswith("_")) or "none"
+        raise ResultsError(f"no group {group!r} in the store (groups: {groups})")
+    ds = tree[group].to_dataset()
+    obj = ds
+    if var:
+        if var not in ds.variables:
+            raise ResultsError(f"no variable {var!r} in group {group!r} (variables: {', '.join(ds.data_vars)})")
+        obj = ds[var]
+    for item in sel:
+        dim, eq, value = item.partition("=")
+        if not eq:
+            raise ResultsError(f"--sel takes dim=value, not {item!r}")
+        if dim not in obj.dims:
+            raise ResultsError(f"{dim!r} is not a dim of {target} (dims: {', '.join(map(str, obj.dims))})")
+        coord = obj[dim]
+        wanted = _coerce(value, coord)
+        if wanted not in set(coord.values.tolist()):
+            raise ResultsError(f"{dim}={value} is not in the store ({dim} has {coord.values.tolist()})")
+        obj = obj.sel({dim: wanted})
+    return obj
+
+
+def describe_tree(tree: xr.DataTree) -> str:
+    lines = [f"store: {tree.attrs.get('spec_name', '')}  (basinprobe {tree.attrs.get('basinprobe_version', '?')}, "
+             f"device {tree.attrs.get('device', '?')}, dtype {tree.attrs.get('dtype', '?')})"]
+    for name, node in tree.children.items():
+        if name == "_status":
+            continue
+        ds = node.to_dataset()
+        sizes = ", ".join(f"{d}={n}" for d, n in ds.sizes.items())
+        probe = node.attrs.get("probe", "")
+        lines.append(f"{name}/" + (f"  [{probe}]" if probe else "") + (f"  ({sizes})" if sizes else ""))
+        for var_name, var in ds.data_vars.items():
+            desc = var.attrs.get("description", "")
+            lines.append(f"  {var_name}({', '.join(map(str, var.dims))})  {var.dtype}" + (f"  - {desc}" if desc else ""))
+        for failed in node.attrs.get("failed", []) or []:
+            lines.append(f"  FAILED {failed}")
+    return "\n".join(lines)
+
+
+def to_frame(obj):
+    if isinstance(obj, xr.Dataset):
+        return obj.to_dataframe() if obj.dims else obj.to_pandas().to_frame().T if hasattr(obj, "to_pandas") else None
+    name = obj.name or "value"
+    if not obj.dims:
+        import pandas as pd
+
+        return pd.DataFrame({name: [obj.values.item()]})
+    return obj.to_dataframe(name=name).reset_index().drop(
+        columns=[c for c in obj.coords if c not in obj.dims and c != name], errors="ignore")
+
+
+def format_values(obj, fmt: str) -> str:
+    if isinstance(obj, xr.Dataset):
+        frame = obj.to_dataframe().reset_index() if obj.dims else None
+        if frame is None:
+            frame = __import__("pandas").DataFrame({k: [v.values.item()] for k, v in obj.data_vars.items()})
+    else:
+        frame = to_frame(obj)
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    if fmt == "json":
+        records = json.loads(frame.to_json(orient="records"))
+        return json.dumps(records, indent=1)
+    return frame.to_string(index=False)
+
+
+def plot(obj: xr.DataArray, out: str | Path) -> Path:
+    """A 1-D variable as lines (other dims as separate lines or facets), a 2-D one as a heatmap."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ResultsError("plotting needs matplotlib: pip install 'basinprobe[plot]'") from None
+    if not isinstance(obj, xr.DataArray):
+        raise ResultsError("plot takes GROUP/VAR, a single variable")
+    obj = obj.squeeze(drop=True)
+    for dim in obj.dims:  # dims without coordinates plot against their index
+        if dim not in obj.coords:
+            obj = obj.assign_coords({dim: np.arange(obj.sizes[dim])})
+    dims = list(obj.dims)
+    title = f"{obj.name}" + (f"  [{obj.attrs['description']}]" if obj.attrs.get("description") else "")
+    if len(dims) == 0:
+        raise ResultsError(f"{obj.name} is a single number ({obj.values.item()}); nothing to plot")
+    if len(dims) == 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        obj.plot.line(ax=ax, marker="o")
+    elif len(dims) == 2:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        image = ax.imshow(np.asarray(obj.values, dtype=float), aspect="auto", origin="lower", cmap="viridis")
+        for axis, dim in ((ax.set_yticks, dims[0]), (ax.set_xticks, dims[1])):
+            labels = [str(v) for v in obj[dim].values]
+            step = max(1, len(labels) // 12)
+            axis(range(0, len(labels), step), labels[::step])
+        ax.set_ylabel(dims[0])
+        ax.set_xlabel(dims[1])
+        fig.colorbar(image, ax=ax, label=str(obj.name))
+    elif len(dims) == 3:
+        x = max(dims, key=lambda d: obj.sizes[d])
+        rest = [d for d in dims if d != x]
+        g = obj.plot.line(x=x, hue=rest[1], col=rest[0], marker="o")
+        fig = g.fig
+    else:
+        raise ResultsError(f"{obj.name} has {len(dims)} dims ({', '.join(dims)}); select some with --sel first")
+    fig.suptitle(title, fontsize=9)
+    out = Path(out)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,420 @@
+"""The spec language at the edge: YAML text -> validated, typed :class:`Spec`.
+
+Errors about a spec are raised here and only here, as :class:`SpecError`,
+with the file, line and column of every problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import glob
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from basinprobe.registry import Registry, load_registry
+from basinprobe.runtime.yamlio import Mark, load_yaml, mark_of, plain
+
+# Keywords of xarray's sel/isel: a dim with one of these names is silently misread.
+RESERVED_DIMS = frozenset({"method", "tolerance", "drop", "indexers", "indexers_kwargs", "missing_dims"})
+NOT_SWEEPABLE = ("version", "name", "sweep", "probes", "output")
+
+
+@dataclass(frozen=True)
+class Problem:
+    mark: Mark | None
+    path: tuple
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.mark}: " if self.mark else ""
+        at = ".".join(map(str, self.path))
+        return f"{where}{'at ' + at + ': ' if at else ''}{self.message}"
+
+
+class SpecError(Exception):
+    """The spec is invalid; ``problems`` say where and why."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+# --- typed spec ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str | None
+    factory: str | None
+    with_: dict
+    checkpoints: tuple[str, ...] = ()  # resolved file paths
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str
+    with_: dict
+    batch_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    kind: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    betas: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    optimizer: OptimizerSpec
+    steps: int
+    batch_size: int
+    checkpoint_steps: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ProbeEntry:
+    name: str
+    probe: str
+    at: str | tuple[int, ...]
+    params: dict  # the with: block, defaults filled in
+
+    def selects(self, steps: list[int]) -> list[int]:
+        if self.at == "all":
+            return list(steps)
+        if self.at == "first":
+            return steps[:1]
+        if self.at == "last":
+            return steps[-1:]
+        return [s for s in steps if s in self.at]
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    path: str
+    dim: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class PointConfig:
+    """Everything that defines one sweep point's model, data and training."""
+
+    seed: int
+    model: ModelSpec
+    data: DataSpec
+    loss: str
+    train: TrainSpec | None
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    device: str
+    dtype: str
+    probes: tuple[ProbeEntry, ...]
+    sweep: tuple[SweepAxis, ...]
+    output: Path
+    text: str
+    source: Path | None
+    raw: dict = field(repr=False, compare=False)
+    document: dict = field(repr=False, compare=False, default=None)  # the marked YAML, for error locations
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def cell_dims(self) -> list[str]:
+        return [axis.dim for axis in self.sweep] + ["checkpoint"]
+
+    def points(self) -> list[tuple[dict, PointConfig]]:
+        """Every sweep point: its coordinates (dim -> value label) and its config."""
+        if not self.sweep:
+            return [({}, _point_config(self.raw, self.base_dir))]
+        out = []
+        for values in itertools.product(*(axis.values for axis in self.sweep)):
+            raw = copy.deepcopy(self.raw)
+            for axis, value in zip(self.sweep, values):
+                _set_path(raw, axis.path.split("."), value)
+            coords = {axis.dim: coordinate_label(value) for axis, value in zip(self.sweep, values)}
+            out.append((coords, _point_config(raw, self.base_dir)))
+        return out
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+
+def coordinate_label(value):
+    """Sweep values become coordinates: scalars as they are, lists as compact JSON text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+# --- schema -----------------------------------------------------------------------------------
+def base_schema() -> dict:
+    return json.loads((files("basinprobe.specs") / "basinprobe.schema.json").read_text())
+
+
+def merged_schema(registry: Registry | None = None) -> dict:
+    """The base schema with the ``with:`` schemas of every installed probe, model and dataset."""
+    registry = registry or load_registry()
+    schema = base_schema()
+    definitions = schema.setdefault("definitions", {})
+    props = schema["properties"]
+
+    def dispatch(key: str, table: dict, prefix: str) -> list:
+        rules = []
+        for name, component in sorted(table.items()):
+            definitions[f"{prefix}.{name}"] = component.schema
+            rules.append({
+                "if": {"properties": {key: {"const": name}}, "required": [key]},
+                "then": {"properties": {"with": {"$ref": f"#/definitions/{prefix}.{name}"}}},
+            })
+        return rules
+
+    probe_item = props["probes"]["items"]
+    probe_item["properties"]["probe"]["enum"] = sorted(registry.probes)
+    probe_item["allOf"] = dispatch("probe", registry.probes, "probe")
+    props["model"]["properties"]["kind"]["enum"] = sorted(registry.models)
+    props["model"]["allOf"] = dispatch("kind", registry.models, "model")
+    props["data"]["properties"]["kind"]["enum"] = sorted(registry.datasets)
+    props["data"]["allOf"] = dispatch("kind", registry.datasets, "dataset")
+    props["loss"]["enum"] = sorted(registry.losses)
+    return schema
+
+
+def _suggest(word, candidates) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _translate(error: jsonschema.ValidationError, document, mark_override: Mark | None) -> list[Problem]:
+    path = tuple(error.absolute_path)
+    mark = mark_override or mark_of(document, path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        problems = []
+        for key in error.instance:
+            if key not in allowed:
+                key_mark = mark_override or mark_of(document, path + (key,))
+                problems.append(Problem(key_mark, path + (key,),
+                                        f"unknown key {key!r}{_suggest(key, allowed)} (allowed: {', '.join(allowed)})"))
+        return problems
+    if error.validator == "enum" and isinstance(error.instance, str):
+        options = error.validator_value
+        what = {"probe": "probe", "kind": "kind", "loss": "loss"}.get(str(path[-1]) if path else "", "value")
+        listing = ", ".join(map(str, options)) if len(options) < 25 else f"{len(options)} choices"
+        return [Problem(mark, path, f"unknown {what} {error.instance!r}{_suggest(error.instance, options)} "
+                                    f"(known: {listing})")]
+    if error.validator == "type":
+        expected = error.validator_value
+        return [Problem(mark, path, f"expected {expected if isinstance(expected, str) else ' or '.join(expected)}, "
+                                    f"got {error.instance!r}")]
+    if error.validator == "required":
+        return [Problem(mark, path, error.message.replace("is a required property", "is required but missing"))]
+    if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        relation = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[error.validator]
+        return [Problem(mark, path, f"{error.instance!r} is out of range: must be {relation} {error.validator_value}")]
+    return [Problem(mark, path, error.message)]
+
+
+def _validate(document, validator, mark_override: Mark | None = None) -> list[Problem]:
+    problems = []
+    for error in sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path]):
+        # Errors inside if/then are reported by their own sub-errors; skip the wrappers.
+        if error.validator in ("allOf", "if"):
+            continue
+        problems.extend(_translate(error, document, mark_override))
+    return problems
+
+
+def _non_finite(node, path=()):
+    if isinstance(node, float) and not math.isfinite(node):
+        yield path, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _non_finite(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _non_finite(v, path + (i,))
+
+
+def _set_path(raw: dict, keys: list[str], value):
+    node = raw
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load_spec(path: str | Path | None = None, *, text: str | None = None, registry: Registry | None = None,
+              output: str | None = None) -> Spec:
+    """Read, validate and type a spec file (or ``text``). Raises :class:`SpecError`."""
+    source = Path(path) if path is not None else None
+    filename = str(source) if source else "<spec>"
+    if text is None:
+        try:
+            text = source.read_text()
+        except FileNotFoundError:
+            raise SpecError([Problem(None, (), f"spec file {filename} does not exist")]) from None
+        except (IsADirectoryError, UnicodeDecodeError) as exc:
+            raise SpecError([Problem(None, (), f"cannot read spec file {filename}: {exc}")]) from None
+    try:
+        document = load_yaml(text, filename)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = Mark(filename, mark.line + 1, mark.column + 1) if mark else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(where, (), f"malformed YAML: {reason}")]) from None
+    if not isinstance(document, dict):
+        raise SpecError([Problem(Mark(filename, 1, 1), (), "a spec must be a YAML mapping (key: value lines)")])
+
+    problems = [Problem(mark_of(document, p), p, f"{v} is not a finite number") for p, v in _non_finite(document)]
+    registry = registry or load_registry()
+    validator = jsonschema.Draft202012Validator(merged_schema(registry))
+    problems += _validate(document, validator)
+    if not problems:
+        problems += _check_semantics(document, validator, source)
+    if problems:
+        raise SpecError(problems)
+    return _build(document, text, source, output)
+
+
+def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
+    problems = []
+    base = source.parent if source else Path.cwd()
+    model = doc["model"]
+    if ("kind" in model) == ("factory" in model):
+        problems.append(Problem(mark_of(doc, ("model",)), ("model",), "give exactly one of 'kind' or 'factory'"))
+    if "checkpoints" in model:
+        if "train" in doc:
+            problems.append(Problem(mark_of(doc, ("model", "checkpoints")), ("model", "checkpoints"),
+                                    "'model.checkpoints' and a 'train' block exclude each other: "
+                                    "either load checkpoints or train, not both"))
+        for i, pattern in enumerate(model["checkpoints"]):
+            if not sorted(glob.glob(str(base / pattern))):
+                problems.append(Problem(mark_of(doc, ("model", "checkpoints", i)), ("model", "checkpoints", i),
+                                        f"no checkpoint file matches {pattern!r} (looked in {base})"))
+    data_with = doc["data"].get("with", {})
+    if isinstance(data_with, dict) and "path" in data_with and not (base / data_with["path"]).is_file():
+        problems.append(Problem(mark_of(doc, ("data", "with", "path")), ("data", "with", "path"),
+                                f"data file {data_with['path']!r} does not exist (looked in {base})"))
+    names = {}
+    for i, entry in enumerate(doc["probes"]):
+        name = entry.get("name", entry["probe"])
+        if name.startswith("_"):
+            problems.append(Problem(mark_of(doc, ("probes", i)), ("probes", i), "names starting with '_' are reserved"))
+        if name in names:
+            problems.append(Problem(mark_of(doc, ("probes", i)), ("probes", i),
+                                    f"two probe entries are named {name!r} (entries {names[name]} and {i}); "
+                                    "give one a different 'name:'"))
+        names[name] = i
+    dims = {}
+    for path, values in doc.get("sweep", {}).items():
+        keys = path.split(".")
+        mark = mark_of(doc, ("sweep", path))
+        if keys[0] in NOT_SWEEPABLE:
+            problems.append(Problem(mark, ("sweep", path), f"{keys[0]!r} cannot be swept"))
+            continue
+        dim = keys[-1]
+        if dim in RESERVED_DIMS or dim == "checkpoint":
+            problems.append(Problem(mark, ("sweep", path), f"a sweep axis may not be named {dim!r} "
+                                                          "(reserved by xarray's sel or by basinprobe)"))
+        if dim in dims:
+            problems.append(Problem(mark, ("sweep", path),
+                                    f"axes {dims[dim]!r} and {path!r} would both be named {dim!r}"))
+        dims[dim] = path
+        for j, value in enumerate(values):
+            trial = copy.deepcopy(plain(doc))
+            try:
+                _set_path(trial, keys, value)
+            except (KeyError, IndexError, ValueError, TypeError):
+                problems.append(Problem(mark, ("sweep", path), f"{path!r} is not a path into the spec"))
+                break
+            problems += _validate(trial, validator, mark_override=mark_of(doc, ("sweep", path, j)))
+    if "output" in doc:
+        out = base / doc["output"]
+        if out.exists() and not out.is_dir():
+            problems.append(Problem(mark_of(doc, ("output",)), ("output",),
+                                    f"output {doc['output']!r} is an existing file, not a Zarr store; "
+                                    "choose another path"))
+    return problems
+
+
+def _point_config(raw: dict, base: Path) -> PointConfig:
+    model = raw["model"]
+    files_ = []
+    for pattern in model.get("checkpoints", []):
+        files_ += sorted(glob.glob(str(base / pattern)))
+    data = raw["data"]
+    data_with = dict(data.get("with", {}))
+    if "path" in data_with:
+        data_with["path"] = str(base / data_with["path"])
+    train = None
+    if "train" in raw:
+        t = raw["train"]
+        opt = t.get("optimizer", {})
+        steps = int(t["steps"])
+        ck = t.get("checkpoints", {"at": [0, steps]})
+        at = list(range(0, steps + 1, ck["every"])) + [steps] if "every" in ck else list(ck["at"])
+        at = sorted({s for s in at if s <= steps} | {0})
+        train = TrainSpec(
+            optimizer=OptimizerSpec(
+                kind=opt.get("kind", "sgd"), lr=float(opt.get("lr", 0.01)), momentum=float(opt.get("momentum", 0.0)),
+                nesterov=bool(opt.get("nesterov", False)), weight_decay=float(opt.get("weight_decay", 0.0)),
+                betas=tuple(opt.get("betas", (0.9, 0.999))),
+            ),
+            steps=steps,
+            batch_size=int(t.get("batch_size", data.get("batch_size", 256))),
+            checkpoint_steps=tuple(at),
+        )
+    return PointConfig(
+        seed=int(raw.get("seed", 0)),
+        model=ModelSpec(model.get("kind"), model.get("factory"), plain(model.get("with", {})), tuple(files_)),
+        data=DataSpec(data["kind"], plain(data_with), int(data.get("batch_size", 256)), int(data.get("seed", 0))),
+        loss=raw["loss"],
+        train=train,
+    )
+
+
+def _build(doc, text: str, source: Path | None, output: str | None) -> Spec:
+    registry = load_registry()
+    raw = plain(doc)
+    base = source.parent if source else Path.cwd()
+    probes = []
+    for entry in raw["probes"]:
+        probe = registry.probes[entry["probe"]].obj()
+        at = entry.get("at", "all")
+        probes.append(ProbeEntry(entry.get("name", entry["probe"]), entry["probe"],
+                                 at if isinstance(at, str) else tuple(at), probe.resolve(entry.get("with", {}))))
+    sweep = tuple(SweepAxis(path, path.split(".")[-1], tuple(values)) for path, values in raw.get("sweep", {}).items())
+    name = raw.get("name") or (source.stem if source else "spec")
+    if output is not None:
+        out = Path(output)
+    elif "output" in raw:
+        out = (base / raw["output"]).resolve()
+    else:
+        out = base / "results" / f"{name}.zarr"
+    return Spec(name=name, device=raw.get("device", "auto"), dtype=raw.get("dtype", "float32"),
+                probes=tuple(probes), sweep=sweep, output=out, text=text, source=source, raw=raw,
+                document=doc)

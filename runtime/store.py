@@ -1,0 +1,386 @@
+"""The Zarr store of a run: staging of finished cells, assembly into labelled groups.
+
+Layout (see DESIGN.md):
+
+- root attrs: ``basinprobe_version``, ``spec``, ``spec_sha256``, ``created``,
+  ``torch_version``, ``device``, ``dtype``, ``cell_dims``.
+- ``<entry>``: one group per probe entry; every variable's leading dims are
+  the cell dims (sweep axes, then ``checkpoint``); attrs ``probe``,
+  ``params``, ``plugin``, ``warnings``, ``failed``.
+- ``_checkpoints``: ``params(<sweep dims>, checkpoint, param)``, the flat
+  parameters of every checkpoint.
+- ``_status``: attrs recording every (cell, entry) that finished or failed.
+
+While a run goes on, every finished cell is written at once to a staging
+group ``_cells/<cell>/<entry>`` (and every trained sweep point to
+``_points/<point>``) with a completion mark written last, so that a killed run
+loses nothing finished. At the end the staged cells are assembled into the
+labelled groups, which are swapped in by directory rename (so a group is never
+half-written), and the staging is removed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import warnings
+from importlib.metadata import version as _version
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+
+from basinprobe.runtime.spec import coordinate_label
+
+STAGING_CELLS = "_cells"
+STAGING_POINTS = "_points"
+ASSEMBLING = "_assembling"
+TRASH = "_trash"
+STATUS = "_status"
+CHECKPOINTS = "_checkpoints"
+COMPLETE = "basinprobe_complete"
+
+
+class StoreMismatch(Exception):
+    pass
+
+
+def _quiet():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    return ctx
+
+
+def _objectify(ds: xr.Dataset) -> xr.Dataset:
+    # Fixed-width numpy strings truncate silently in zarr; store strings as objects.
+    for name, var in list(ds.variables.items()):
+        if var.dtype.kind == "U" or var.dtype.kind == "T":
+            ds = ds.assign_coords({name: var.astype(object)}) if name in ds.coords else ds.assign({name: var.astype(object)})
+    return ds
+
+
+def _to_zarr(ds: xr.Dataset, path: Path, group: str) -> None:
+    ctx = _quiet()
+    try:
+        _objectify(ds).to_zarr(str(path), group=group, mode="w", consolidated=False, zarr_format=3)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _open(path: Path, group: str) -> xr.Dataset:
+    ctx = _quiet()
+    try:
+        return xr.open_zarr(str(path), group=group, consolidated=False, zarr_format=3).load()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+class RunStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # --- root ------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").is_file()
+
+    def root(self, mode="a"):
+        return zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+
+    def root_attrs(self) -> dict:
+        return dict(self.root("r").attrs) if self.exists() else {}
+
+    def open_for(self, spec, device: str, dtype: str, overwrite: bool) -> None:
+        """Create the store for ``spec``, or check that an existing one was made by the same spec."""
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreMismatch(f"output {self.path} is an existing file, not a Zarr store")
+        if self.exists():
+            attrs = self.root_attrs()
+            if attrs.get("spec_sha256") == spec.sha256 and not overwrite:
+                self._recover_swaps()
+                return
+            if not overwrite:
+                raise StoreMismatch(
+                    f"{self.path} holds results of a different spec (spec_sha256 {attrs.get('spec_sha256', '?')[:12]}, "
+                    f"this spec {spec.sha256[:12]}); pass --overwrite to replace it or choose another output"
+                )
+        if self.path.exists() and (overwrite or any(self.path.iterdir())):
+            if not self.exists() and any(self.path.iterdir()):
+                raise StoreMismatch(f"{self.path} exists and is not a basinprobe store; choose another output")
+            shutil.rmtree(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        root.attrs.update({
+            "basinprobe_version": _version("basinprobe"),
+            "spec": spec.text,
+            "spec_sha256": spec.sha256,
+            "spec_name": spec.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+            "xarray_version": xr.__version__,
+            "zarr_version": zarr.__version__,
+            "device": device,
+            "dtype": dtype,
+            "cell_dims": spec.cell_dims,
+        })
+
+    # --- staging -------------------------------------------------------------------------------
+    def _staged_status(self) -> dict[tuple[str, str], dict]:
+        status = {}
+        base = self.path / STAGING_CELLS
+        if not base.is_dir():
+            return status
+        for cell_dir in base.iterdir():
+            for entry_dir in cell_dir.iterdir() if cell_dir.is_dir() else []:
+                meta = entry_dir / "zarr.json"
+                if not meta.is_file():
+                    continue
+                attrs = json.loads(meta.read_text()).get("attributes", {})
+                if attrs.get(COMPLETE):
+                    status[(cell_dir.name, entry_dir.name)] = {
+                        "status": attrs["status"], "error": attrs.get("error"), "coords": attrs["coords"],
+                        "warnings": attrs.get("warnings", []), "staged": True,
+                    }
+        return status
+
+    def status(self) -> dict[tuple[str, str], dict]:
+        """Every (cell, entry) that finished or failed: staged ones first, then assembled ones."""
+        recorded = {}
+        if (self.path / STATUS / "zarr.json").is_file():
+            for key, value in self.root("r")[STATUS].attrs.get("cells", {}).items():
+                cell, entry = key.split("/", 1)
+                recorded[(cell, entry)] = {**value, "staged": False}
+        recorded.update(self._staged_status())
+        return recorded
+
+    def write_cell(self, cell_key: str, entry: str, coords: dict, result: xr.Dataset | None,
+                   error: str | None, warnings_: list[str]) -> None:
+        group = f"{STAGING_CELLS}/{cell_key}/{entry}"
+        ds = result if result is not None else xr.Dataset()
+        ds = ds.copy()
+        ds.attrs = {"probe_attrs": json.dumps(_jsonable(ds.attrs))}
+        _to_zarr(ds, self.path, group)
+        # The mark goes last: a cell killed while writing is not taken as finished.
+        attrs = zarr.open_group(str(self.path / group), mode="a", zarr_format=3).attrs
+        attrs.update({"coords": _jsonable(coords), "status": "failed" if error else "done", "error": error,
+                      "warnings": list(warnings_), COMPLETE: True})
+
+    def read_staged_cell(self, cell_key: str, entry: str) -> tuple[xr.Dataset, dict]:
+        ds = _open(self.path, f"{STAGING_CELLS}/{cell_key}/{entry}")
+        probe_attrs = json.loads(ds.attrs.pop("probe_attrs", "{}"))
+        return ds, probe_attrs
+
+    def write_point(self, point_key: str, coords: dict, trajectory: dict[int, torch.Tensor], layout: dict) -> None:
+        steps = sorted(trajectory)
+        params = torch.stack([trajectory[s].detach().cpu().double() for s in steps]).numpy()
+        ds = xr.Dataset({"params": (("checkpoint", "param"), params)}, coords={"checkpoint": steps})
+        group = f"{STAGING_POINTS}/{point_key}"
+        _to_zarr(ds, self.path, group)
+        zarr.open_group(str(self.path / group), mode="a", zarr_format=3).attrs.update(
+            {"coords": _jsonable(coords), "layout": layout, COMPLETE: True})
+
+    def read_trajectory(self, point_key: str, coords: dict, dtype: torch.dtype) -> dict[int, torch.Tensor] | None:
+        """The stored checkpoints of a sweep point, from staging or the assembled group."""
+        meta = self.path / STAGING_POINTS / point_key / "zarr.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("attributes", {}).get(COMPLETE):
+            ds = _open(self.path, f"{STAGING_POINTS}/{point_key}")
+            n = None
+        elif (self.path / CHECKPOINTS / "zarr.json").is_file():
+            full = _open(self.path, CHECKPOINTS)
+            sel = {dim: value for dim, value in coords.items() if dim in full.dims}
+            try:
+                ds = full.sel(sel) if sel else full
+            except KeyError:
+                return None
+            n = int(ds["n_params"].values)
+            if n <= 0:
+                return None
+        else:
+            return None
+        params = ds["params"].values
+        if n is not None:
+            params = params[:, :n]
+        rows = {int(s): torch.from_numpy(np.ascontiguousarray(params[i])).to(dtype)
+                for i, s in enumerate(ds["checkpoint"].values)}
+        if any(not torch.isfinite(v).all() for v in rows.values()):
+            return None
+        return rows
+
+    # --- assembly ---------------------------------------------------------------------------------
+    def _recover_swaps(self) -> None:
+        trash = self.path / TRASH
+        if not trash.is_dir():
+            return
+        for old in trash.iterdir():
+            target = self.path / old.name
+            if target.exists():
+                shutil.rmtree(old)
+            else:
+                old.rename(target)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _swap_in(self, name: str, ds: xr.Dataset) -> None:
+        staging = f"{ASSEMBLING}/{name}"
+        _to_zarr(ds, self.path, staging)
+        target, trash = self.path / name, self.path / TRASH
+        if target.exists():
+            trash.mkdir(exist_ok=True)
+            target.rename(trash / name)
+        (self.path / staging).rename(target)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def assemble(self, spec, entries_meta: dict[str, dict], point_layouts: dict[str, dict]) -> None:
+        """Build every labelled group from staged and previously assembled cells; then clean up."""
+        status = self.status()
+        dims = spec.cell_dims
+        order = {axis.dim: [coordinate_label(v) for v in axis.values] for axis in spec.sweep}
+        for entry in spec.probes:
+            pieces, failed, warns, probe_attrs = [], [], [], []
+            for (cell, name), record in sorted(status.items()):
+                if name != entry.name:
+                    continue
+                label = cell_label(record["coords"])
+                warns += [f"{label}: {w}" for w in record.get("warnings", [])]
+                if record["status"] != "done":
+                    failed.append(f"{label}: {record.get('error')}")
+                    continue
+                if record["staged"]:
+                    ds, attrs = self.read_staged_cell(cell, name)
+                    probe_attrs.append(attrs)
+                else:
+                    ds = self._assembled_cell(entry.name, record["coords"])
+                    if ds is None:
+                        continue
+                pieces.append(_with_cell_coords(ds, record["coords"], dims))
+            group = _combine(pieces, dims, order)
+            meta = entries_meta[entry.name]
+            group.attrs = {
+                "probe": entry.probe, "params": _jsonable(entry.params), "plugin": meta["plugin"],
+                "at": entry.at if isinstance(entry.at, str) else list(entry.at),
+                "warnings": warns, "failed": failed, **_merge_attrs(probe_attrs, meta.get("attrs", {})),
+            }
+            self._swap_in(entry.name, group)
+        self._assemble_checkpoints(spec, point_layouts)
+        cells = {f"{cell}/{entry}": {k: v for k, v in record.items() if k != "staged"}
+                 for (cell, entry), record in status.items()}
+        ctx = _quiet()
+        try:
+            status_group = self.root()
+            grp = status_group.require_group(STATUS)
+            grp.attrs.update({"cells": cells})
+        finally:
+            ctx.__exit__(None, None, None)
+        for staging in (STAGING_CELLS, STAGING_POINTS, ASSEMBLING):
+            shutil.rmtree(self.path / staging, ignore_errors=True)
+        ctx = _quiet()
+        try:
+            zarr.consolidate_metadata(str(self.path))
+        finally:
+            ctx.__exit__(None, None, None)
+
+    def _assembled_cell(self, name: str, coords: dict) -> xr.Dataset | None:
+        if not (self.path / name / "zarr.json").is_file():
+            return None
+        full = _open(self.path, name)
+        try:
+            return full.sel(coords).drop_vars(list(coords), errors="ignore")
+        except KeyError:
+            return None
+
+    def _assemble_checkpoints(self, spec, point_layouts: dict[str, dict]) -> None:
+        sweep_dims = [axis.dim for axis in spec.sweep]
+        pieces, layouts = [], {}
+        base = self.path / STAGING_POINTS
+        staged = {p.name for p in base.iterdir()} if base.is_dir() else set()
+        previous = _open(self.path, CHECKPOINTS) if (self.path / CHECKPOINTS / "zarr.json").is_file() else None
+        for point_key, info in point_layouts.items():
+            coords = info["coords"]
+            if point_key in staged:
+                ds = _open(self.path, f"{STAGING_POINTS}/{point_key}")
+                layout = json.loads((base / point_key / "zarr.json").read_text())["attributes"]["layout"]
+            elif previous is not None:
+                try:
+                    ds = previous.sel(coords) if coords else previous
+                except KeyError:
+                    continue
+                n = int(ds["n_params"].values)
+                ds = ds[["params"]].isel(param=slice(0, n)).drop_vars(list(coords), errors="ignore")
+                layout = json.loads(previous.attrs.get("layouts", "{}")).get(cell_label(coords), {})
+            else:
+                continue
+            ds = ds.assign(n_params=xr.DataArray(ds.sizes["param"]))
+            layouts[cell_label(coords)] = layout
+            pieces.append(_with_cell_coords(ds, coords, sweep_dims))
+        if not pieces:
+            return
+        order = {axis.dim: [coordinate_label(v) for v in axis.values] for axis in spec.sweep}
+        group = _combine(pieces, sweep_dims, order)
+        group["n_params"] = group["n_params"].fillna(0).astype(np.int64)
+        group["params"].attrs.update(description="flat parameter vector at each checkpoint (NaN-padded where "
+                                                 "sweep points have fewer parameters)")
+        group["n_params"].attrs.update(description="number of parameters of the sweep point's model "
+                                                   "(0: not trained yet)")
+        group.attrs = {"layouts": json.dumps(layouts)}
+        self._swap_in(CHECKPOINTS, group)
+
+
+def cell_label(coords: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in coords.items())
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _with_cell_coords(ds: xr.Dataset, coords: dict, dims: list[str]) -> xr.Dataset:
+    expand = {dim: [coords[dim]] for dim in dims if dim in coords}
+    return ds.expand_dims(expand)
+
+
+def _combine(pieces: list[xr.Dataset], dims: list[str], order: dict) -> xr.Dataset:
+    if not pieces:
+        return xr.Dataset()
+    # Dims without coordinates get integer positions, so that cells whose probe dims differ in
+    # size (a sweep over widths) are aligned by position and padded with NaN.
+    pieces = [p.assign_coords({d: np.arange(n) for d, n in p.sizes.items() if d not in p.coords}) for p in pieces]
+    ctx = _quiet()
+    try:
+        combined = xr.merge(pieces, join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")
+    finally:
+        ctx.__exit__(None, None, None)
+    for dim, values in order.items():
+        if dim in combined.dims:
+            present = [v for v in values if v in set(combined[dim].values.tolist())]
+            combined = combined.reindex({dim: present})
+    if "checkpoint" in combined.dims:
+        combined = combined.sortby("checkpoint")
+    lead = [d for d in dims if d in combined.dims]
+    return combined.transpose(*lead, ...)
+
+
+def _merge_attrs(per_cell: list[dict], fixed: dict) -> dict:
+    merged = dict(fixed)
+    keys = {k for attrs in per_cell for k in attrs}
+    for key in sorted(keys):
+        values = [json.dumps(a.get(key), sort_keys=True) for a in per_cell]
+        if len(set(values)) == 1:
+            merged[key] = per_cell[0][key]
+        else:
+            merged[key] = "varies by cell: " + "; ".join(sorted(set(values)))[:2000]
+    return merged

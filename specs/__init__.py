@@ -1,0 +1,1 @@
+"""The spec language: its JSON Schema and example specs (package data)."""
