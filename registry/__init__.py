@@ -12,11 +12,12 @@ The context a probe's ``run(ctx, params)`` receives is described in
 from basinprobe.registry.dataset import Dataset
 from basinprobe.registry.errors import PluginError, ProbeError
 from basinprobe.registry.hookspecs import hookimpl, hookspec
-from basinprobe.registry.manager import Component, Registry, load_registry, make_plugin_manager
+from basinprobe.registry.manager import (Component, Registry, collect_registry_with, load_registry,
+                                         make_plugin_manager)
 from basinprobe.registry.probe import Probe
 from basinprobe.registry.schema import with_schema
 
 __all__ = [
-    "Component", "Dataset", "PluginError", "Probe", "ProbeError", "Registry",
+    "Component", "Dataset", "collect_registry_with", "PluginError", "Probe", "ProbeError", "Registry",
     "hookimpl", "hookspec", "load_registry", "make_plugin_manager", "with_schema",
 ]

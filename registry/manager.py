@@ -129,6 +129,11 @@ def collect(pm) -> Registry:
     return registry
 
 
+def collect_registry_with(*plugins) -> Registry:
+    """The installed plugins plus ``plugins`` (objects with hook implementations), e.g. in tests."""
+    return collect(make_plugin_manager(extra_plugins=plugins))
+
+
 _cached: Registry | None = None
 
 

@@ -297,7 +297,7 @@ def load_spec(path: str | Path | None = None, *, text: str | None = None, regist
         problems += _check_semantics(document, validator, source)
     if problems:
         raise SpecError(problems)
-    return _build(document, text, source, output)
+    return _build(document, text, source, output, registry)
 
 
 def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
@@ -397,8 +397,7 @@ def _point_config(raw: dict, base: Path) -> PointConfig:
     )
 
 
-def _build(doc, text: str, source: Path | None, output: str | None) -> Spec:
-    registry = load_registry()
+def _build(doc, text: str, source: Path | None, output: str | None, registry: Registry) -> Spec:
     raw = plain(doc)
     base = source.parent if source else Path.cwd()
     probes = []

@@ -1,0 +1,251 @@
+"""End to end: spec -> run -> store -> query, resume, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from basinprobe.registry import Probe, ProbeError, collect_registry_with
+from basinprobe.runtime import open_results
+from basinprobe.runtime.execute import run_spec
+from basinprobe.runtime.spec import load_spec
+from conftest import TINY_SPEC
+
+
+def test_run_writes_labelled_cells_and_query_reads_them(tiny_spec, cli, tmp_path):
+    code, out, err = cli("run", tiny_spec, "-q")
+    assert code == 0, err
+    tree = open_results(tmp_path / "out.zarr")
+    loss = tree["eval"]["loss"]
+    assert loss.dims == ("seed", "checkpoint", "split")
+    assert loss["seed"].values.tolist() == [0, 1]
+    assert loss["checkpoint"].values.tolist() == [0, 10, 20]
+    assert loss["split"].values.tolist() == ["train", "test"]
+    assert np.isfinite(loss.values).all()
+    # training lowers the training loss
+    assert (loss.sel(split="train", checkpoint=20) < loss.sel(split="train", checkpoint=0)).all()
+    assert tree["eval"].attrs["params"] == {"splits": ["train", "test"]}
+    assert tree["eval"].attrs["plugin"] == "basinprobe" and tree["eval"].attrs["probe"] == "evaluate"
+    root = tree.attrs
+    assert root["spec"] == tiny_spec.read_text() and len(root["spec_sha256"]) == 64
+    assert {"basinprobe_version", "created", "torch_version", "device", "dtype"} <= set(root)
+    params = tree["_checkpoints"]["params"]
+    assert params.dims == ("seed", "checkpoint", "param") and params.sizes["param"] == 4 * 6 + 6 + 6 * 3 + 3
+    assert not (tmp_path / "out.zarr" / "_cells").exists()
+
+    code, out, err = cli("query", tmp_path / "out.zarr")
+    assert "eval/" in out and "loss(seed, checkpoint, split)" in out
+    code, out, err = cli("query", tmp_path / "out.zarr", "eval/accuracy", "--sel", "seed=1", "--sel", "split=test",
+                         "--format", "json")
+    records = json.loads(out)
+    assert [r["checkpoint"] for r in records] == [0, 10, 20]
+    assert records[2]["accuracy"] == pytest.approx(float(tree["eval"]["accuracy"].sel(seed=1, split="test",
+                                                                                        checkpoint=20)))
+    code, out, err = cli("query", tmp_path / "out.zarr", "eval/loss", "--sel", "seed=7")
+    assert code == 2 and "seed=7 is not in the store" in err
+
+
+def test_checkpoint_parameters_recompute_the_stored_loss(tiny_spec, cli, tmp_path):
+    import torch
+
+    from basinprobe.runtime.datasets import gaussian_mixture
+    from basinprobe.runtime.models import make_mlp
+    from basinprobe.runtime.train import set_flat
+
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    tree = open_results(tmp_path / "out.zarr")
+    flat = torch.tensor(tree["_checkpoints"]["params"].sel(seed=1, checkpoint=10).values)
+    model = make_mlp(**{"in": 4, "hidden": [6], "out": 3, "activation": "tanh"})
+    set_flat(model, flat.float())
+    data = gaussian_mixture(seed=0, n=60, **{"in": 4}, classes=3)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(data.X_train), data.y_train)
+    assert float(loss) == pytest.approx(float(tree["eval"]["loss"].sel(seed=1, checkpoint=10, split="train")), rel=1e-5)
+
+
+def test_probe_at_selects_checkpoints(write_spec, cli, tmp_path):
+    spec = write_spec(TINY_SPEC.replace("  - {name: eval, probe: evaluate}",
+                                        "  - {name: eval, probe: evaluate}\n  - {name: final, probe: evaluate, at: last}\n"
+                                        "  - {name: some, probe: evaluate, at: [0, 20]}"))
+    assert cli("run", spec, "-q")[0] == 0
+    tree = open_results(tmp_path / "out.zarr")
+    assert tree["final"]["loss"]["checkpoint"].values.tolist() == [20]
+    assert tree["some"]["loss"]["checkpoint"].values.tolist() == [0, 20]
+    assert tree["eval"]["loss"]["checkpoint"].values.tolist() == [0, 10, 20]
+
+
+def test_sweep_over_list_values_labels_and_pads(write_spec, cli, tmp_path):
+    spec = write_spec(TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep:\n  model.with.hidden: [[6], [2, 3]]\n  seed: [0]"))
+    assert cli("run", spec, "-q")[0] == 0
+    tree = open_results(tmp_path / "out.zarr")
+    assert tree["eval"]["loss"].dims[:3] == ("hidden", "seed", "checkpoint")
+    assert tree["eval"]["loss"]["hidden"].values.tolist() == ["[6]", "[2,3]"]
+    n = tree["_checkpoints"]["n_params"].sel(seed=0)
+    assert n.values.tolist() == [4 * 6 + 6 + 6 * 3 + 3, 4 * 2 + 2 + 2 * 3 + 3 + 3 * 3 + 3]
+    padded = tree["_checkpoints"]["params"].sel(seed=0, hidden="[2,3]", checkpoint=0).values
+    assert np.isnan(padded[int(n[1]):]).all() and np.isfinite(padded[: int(n[1])]).all()
+
+
+def test_same_seed_gives_bit_identical_results(write_spec, cli, tmp_path):
+    a = write_spec(TINY_SPEC.replace("out.zarr", "a.zarr"), "a.yaml")
+    b = write_spec(TINY_SPEC.replace("out.zarr", "b.zarr"), "b.yaml")
+    assert cli("run", a, "-q")[0] == 0 and cli("run", b, "-q")[0] == 0
+    ta, tb = open_results(tmp_path / "a.zarr"), open_results(tmp_path / "b.zarr")
+    assert np.array_equal(ta["_checkpoints"]["params"].values, tb["_checkpoints"]["params"].values)
+    assert np.array_equal(ta["eval"]["loss"].values, tb["eval"]["loss"].values)
+    assert not np.array_equal(ta["_checkpoints"]["params"].sel(seed=0).values,
+                              ta["_checkpoints"]["params"].sel(seed=1).values)
+
+
+def test_rerun_skips_finished_cells(tiny_spec, cli, tmp_path):
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    before = open_results(tmp_path / "out.zarr")["eval"]["loss"].values.copy()
+    code, out, err = cli("run", tiny_spec, "-q")
+    assert code == 0 and "0 cell results written, 6 kept" in out
+    assert np.array_equal(open_results(tmp_path / "out.zarr")["eval"]["loss"].values, before)
+
+
+def test_a_different_spec_is_refused_unless_overwrite(tiny_spec, write_spec, cli, tmp_path):
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    other = write_spec(TINY_SPEC.replace("steps: 20", "steps: 30").replace("at: [0, 10, 20]", "at: [0, 30]"), "other.yaml")
+    code, out, err = cli("run", other, "-q")
+    assert code == 2 and "different spec" in err and "--overwrite" in err
+    assert open_results(tmp_path / "out.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 10, 20]
+    assert cli("run", other, "-q", "--overwrite")[0] == 0
+    assert open_results(tmp_path / "out.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 30]
+
+
+class Flaky(Probe):
+    name = "flaky"
+    schema = {"type": "object", "properties": {}, "additionalProperties": False}
+
+    def run(self, ctx, params):
+        if ctx.cell["seed"] == 1 and ctx.checkpoint == 10:
+            raise ProbeError("cannot measure this cell: try a smaller step")
+        if ctx.cell["seed"] == 0 and ctx.checkpoint == 20:
+            return xr.Dataset({"value": float("nan")})
+        return xr.Dataset({"value": float(ctx.checkpoint)})
+
+
+class FlakyPlugin:
+    from basinprobe.registry import hookimpl
+
+    @hookimpl
+    def basinprobe_probes(self):
+        return [Flaky]
+
+
+def test_a_failing_probe_records_the_cell_and_the_rest_finish(write_spec, tmp_path):
+    registry = collect_registry_with(FlakyPlugin())
+    spec = load_spec(write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: flaky, probe: flaky}")),
+                     registry=registry)
+    report = run_spec(spec, registry=registry)
+    assert not report.ok and len(report.failures) == 2
+    assert any("seed=1,checkpoint=10 flaky: cannot measure this cell: try a smaller step" in f for f in report.failures)
+    assert any("seed=0,checkpoint=20 flaky: variable 'value' holds NaN" in f for f in report.failures)
+    tree = open_results(tmp_path / "out.zarr")
+    value = tree["flaky"]["value"]
+    assert value.sel(seed=0, checkpoint=10) == 10 and value.sel(seed=1, checkpoint=20) == 20
+    assert np.isnan(value.sel(seed=1, checkpoint=10)) and np.isnan(value.sel(seed=0, checkpoint=20))
+    assert len(tree["flaky"].attrs["failed"]) == 2
+    assert np.isfinite(tree["eval"]["loss"].values).all()
+    # the failed cells are retried on the next run; the finished ones are kept
+    again = run_spec(spec, registry=registry)
+    assert again.skipped == 6 + 4 and len(again.failures) == 2
+
+
+def test_diverging_training_fails_its_cells_with_advice(write_spec, cli):
+    # gradient descent on a quadratic with lr far above 2/lambda_max blows up geometrically
+    spec = write_spec(TINY_SPEC.replace("lr: 0.1", "lr: 50.0").replace("hidden: [6], out: 3", "hidden: [], out: 1").replace(
+        "{kind: gaussian_mixture, with: {n: 60, in: 4, classes: 3}, batch_size: 32}",
+        "{kind: teacher_student, with: {n: 60, in: 4}, batch_size: 32}").replace("cross_entropy", "mse").replace(
+        "steps: 20", "steps: 200").replace("at: [0, 10, 20]", "at: [0, 200]"))
+    code, out, err = cli("run", spec, "-q")
+    assert code == 1 and "training diverged" in err and "lower train.optimizer.lr" in err
+
+
+def test_killed_run_resumes_to_the_same_store(write_spec, tmp_path):
+    slow = TINY_SPEC.replace("seed: [0, 1]", "seed: [0, 1, 2, 3]").replace("steps: 20", "steps: 400").replace(
+        "at: [0, 10, 20]", "every: 100")
+    spec = write_spec(slow)
+    reference = write_spec(slow.replace("out.zarr", "ref.zarr"), "ref.yaml")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "basinprobe.runtime.cli", "run", str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    staged = tmp_path / "out.zarr" / "_cells"
+
+    def finished():
+        marks = [json.loads(p.read_text()).get("attributes", {}) for p in staged.glob("p*/eval/zarr.json")]
+        return sum(1 for m in marks if m.get("basinprobe_complete"))
+
+    deadline = time.time() + 120
+    while time.time() < deadline and finished() < 3:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = finished()
+    assert finished_before >= 3, "the run finished too few cells before it was killed"
+    assert not (tmp_path / "out.zarr" / "eval").exists()
+    resumed = subprocess.run([sys.executable, "-m", "basinprobe.runtime.cli", "run", str(spec)],
+                             capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept from an earlier run" in resumed.stdout
+    kept = int(resumed.stdout.split(" written, ")[1].split(" kept")[0])
+    assert finished_before <= kept < 20  # nothing finished was redone, and the rest was run
+    whole = subprocess.run([sys.executable, "-m", "basinprobe.runtime.cli", "run", str(reference)],
+                           capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+    a, b = open_results(tmp_path / "out.zarr"), open_results(tmp_path / "ref.zarr")
+    assert np.array_equal(a["eval"]["loss"].values, b["eval"]["loss"].values)
+    assert np.array_equal(a["_checkpoints"]["params"].values, b["_checkpoints"]["params"].values)
+
+
+def test_plan_shows_cells_and_shared_data(write_spec, cli):
+    spec = write_spec(TINY_SPEC)
+    code, out, err = cli("plan", spec)
+    assert code == 0
+    assert "2 sweep points, 6 cells" in out and "data sets built: 1 (shared by 1 further sweep points)" in out
+    assert "estimated cost" in out
+
+
+def test_plot_draws_a_png(tiny_spec, cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    png = tmp_path / "loss.png"
+    code, out, err = cli("plot", tmp_path / "out.zarr", "eval/loss", "--sel", "split=train", "-o", png)
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    heat = tmp_path / "heat.png"
+    code, out, err = cli("plot", tmp_path / "out.zarr", "eval/loss", "--sel", "split=train", "--sel", "seed=0", "-o", heat)
+    assert code == 0 and heat.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_untrained_model_is_checkpoint_zero(write_spec, cli, tmp_path):
+    text = TINY_SPEC.replace("train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}\n", "")
+    assert cli("run", write_spec(text), "-q")[0] == 0
+    assert open_results(tmp_path / "out.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0]
+
+
+def test_model_checkpoint_files_become_checkpoints(write_spec, cli, tmp_path):
+    import torch
+
+    from basinprobe.runtime.models import make_mlp
+
+    (tmp_path / "ckpt").mkdir()
+    for i in range(3):
+        torch.manual_seed(i)
+        torch.save(make_mlp(**{"in": 4, "hidden": [6], "out": 3}).state_dict(), tmp_path / "ckpt" / f"step_{i}.pt")
+    text = TINY_SPEC.replace("train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}\n", "")
+    text = text.replace("activation: tanh}}", "activation: relu}, checkpoints: ['ckpt/step_*.pt']}")
+    assert cli("run", write_spec(text), "-q")[0] == 0
+    tree = open_results(tmp_path / "out.zarr")
+    assert tree["eval"]["loss"]["checkpoint"].values.tolist() == [0, 1, 2]
+    torch.manual_seed(2)
+    expected = torch.nn.utils.parameters_to_vector(make_mlp(**{"in": 4, "hidden": [6], "out": 3}).parameters())
+    assert np.allclose(tree["_checkpoints"]["params"].sel(seed=0, checkpoint=2).values, expected.detach().numpy())

@@ -1,0 +1,153 @@
+"""Bad input: every problem names the file, line and column, exit status 2, nothing written."""
+
+import pytest
+
+from basinprobe.runtime.spec import SpecError, load_spec
+
+GOOD = """
+version: 1
+model: {kind: mlp, with: {in: 2, hidden: [4], out: 1}}
+data: {kind: teacher_student, with: {n: 20, in: 2}}
+loss: mse
+train: {optimizer: {kind: sgd, lr: 1e-2}, steps: 5}
+probes:
+  - {probe: evaluate}
+output: out.zarr
+"""
+
+
+def problems_of(write_spec, text):
+    path = write_spec(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return path, info.value.problems
+
+
+def test_good_spec_loads_with_yaml_1_2_float(write_spec):
+    spec = load_spec(write_spec(GOOD))
+    (_, point), = spec.points()
+    assert point.train.optimizer.lr == 0.01
+    assert spec.probes[0].params == {"splits": ["train", "test"]}
+
+
+def test_malformed_yaml_names_line(write_spec):
+    path, problems = problems_of(write_spec, "version: 1\nmodel: {kind: mlp\n")
+    assert problems[0].mark.file == str(path) and problems[0].mark.line >= 2
+    assert "malformed YAML" in problems[0].message
+
+
+def test_unknown_top_level_key_suggests_close_one(write_spec):
+    _, problems = problems_of(write_spec, GOOD + "proobes: []\n")
+    assert any("unknown key 'proobes'" in p.message and "'probes'" in p.message for p in problems)
+    assert problems[0].mark.line == 9
+
+
+@pytest.mark.parametrize("old,new,expect", [
+    ("probe: evaluate", "probe: evalute", "unknown probe 'evalute'; did you mean 'evaluate'?"),
+    ("kind: mlp", "kind: mpl", "unknown kind 'mpl'; did you mean 'mlp'?"),
+    ("kind: teacher_student", "kind: teacher_studnet", "did you mean 'teacher_student'?"),
+    ("loss: mse", "loss: mae", "unknown loss 'mae'"),
+])
+def test_unknown_names_get_suggestions(write_spec, old, new, expect):
+    _, problems = problems_of(write_spec, GOOD.replace(old, new))
+    assert any(expect in p.message for p in problems), problems
+
+
+def test_wrong_type_names_line_and_column(write_spec):
+    path, problems = problems_of(write_spec, GOOD.replace("steps: 5", 'steps: "ten"'))
+    (problem,) = problems
+    assert problem.path == ("train", "steps")
+    assert (problem.mark.line, problem.mark.column) == (5, 50)
+    assert "expected integer" in problem.message
+    assert str(problem).startswith(f"{path}:5:50:")
+
+
+@pytest.mark.parametrize("old,new", [
+    ("steps: 5", "steps: 0"),
+    ("hidden: [4]", "hidden: [0]"),
+    ("n: 20", "n: -3"),
+])
+def test_zero_or_negative_sizes_are_refused(write_spec, old, new):
+    _, problems = problems_of(write_spec, GOOD.replace(old, new))
+    assert any("out of range" in p.message for p in problems)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_learning_rate_is_refused(write_spec, value):
+    _, problems = problems_of(write_spec, GOOD.replace("lr: 1e-2", f"lr: {value}"))
+    assert any(p.path == ("train", "optimizer", "lr") and "finite" in p.message for p in problems)
+
+
+def test_unknown_with_key_of_a_probe_is_refused(write_spec):
+    _, problems = problems_of(write_spec, GOOD.replace("{probe: evaluate}", "{probe: evaluate, with: {splitz: [train]}}"))
+    assert any("unknown key 'splitz'" in p.message and "'splits'" in p.message for p in problems)
+
+
+def test_missing_data_file(write_spec):
+    _, problems = problems_of(write_spec, GOOD.replace("{kind: teacher_student, with: {n: 20, in: 2}}",
+                                                      "{kind: npz, with: {path: nothere.npz}}"))
+    assert any("nothere.npz" in p.message and "does not exist" in p.message for p in problems)
+
+
+def test_missing_checkpoint_file(write_spec):
+    text = GOOD.replace("train: {optimizer: {kind: sgd, lr: 1e-2}, steps: 5}\n", "").replace(
+        "out: 1}}", "out: 1}, checkpoints: [ckpt/*.pt]}")
+    _, problems = problems_of(write_spec, text)
+    assert any("no checkpoint file matches" in p.message for p in problems)
+
+
+def test_output_that_is_an_existing_file(write_spec, tmp_path):
+    (tmp_path / "out.zarr").write_text("not a store")
+    _, problems = problems_of(write_spec, GOOD)
+    assert any("existing file" in p.message for p in problems)
+
+
+def test_duplicate_entry_names(write_spec):
+    _, problems = problems_of(write_spec, GOOD.replace("  - {probe: evaluate}", "  - {probe: evaluate}\n  - {probe: evaluate}"))
+    assert any("two probe entries are named 'evaluate'" in p.message for p in problems)
+
+
+def test_sweep_values_are_validated_where_they_are_written(write_spec):
+    _, problems = problems_of(write_spec, GOOD + "sweep:\n  train.optimizer.lr: [0.1, -1.0]\n")
+    (problem,) = problems
+    assert problem.mark.line == 10 and "out of range" in problem.message
+
+
+def test_sweep_axis_named_after_a_sel_keyword_is_refused(write_spec):
+    _, problems = problems_of(write_spec, GOOD + "sweep:\n  model.with.method: [1]\n")
+    assert any("may not be named 'method'" in p.message for p in problems)
+
+
+def test_cli_validate_exits_2_and_writes_nothing(write_spec, cli, tmp_path):
+    path = write_spec(GOOD.replace("steps: 5", "steps: ten"))
+    code, out, err = cli("validate", path)
+    assert code == 2 and f"{path}:5:" in err
+    code, out, err = cli("run", path)
+    assert code == 2 and not (tmp_path / "out.zarr").exists()
+
+
+def test_factory_that_does_not_import_is_a_spec_error(write_spec, cli, tmp_path):
+    path = write_spec(GOOD.replace("kind: mlp, with: {in: 2, hidden: [4], out: 1}", 'factory: "no_such_module:make"'))
+    code, out, err = cli("run", path)
+    assert code == 2 and "cannot import factory 'no_such_module:make'" in err and f"{path}:2:" in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_checkpoint_whose_shapes_do_not_match(write_spec, cli, tmp_path):
+    import torch
+
+    from basinprobe.runtime.models import make_mlp
+
+    (tmp_path / "ckpt").mkdir()
+    torch.save(make_mlp(**{"in": 2, "hidden": [5], "out": 1}).state_dict(), tmp_path / "ckpt" / "a.pt")
+    text = GOOD.replace("train: {optimizer: {kind: sgd, lr: 1e-2}, steps: 5}\n", "").replace(
+        "out: 1}}", "out: 1}, checkpoints: [ckpt/*.pt]}")
+    code, out, err = cli("run", write_spec(text))
+    assert code == 2 and "does not fit the model" in err and "0.weight" in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_model_that_does_not_fit_the_data(write_spec, cli, tmp_path):
+    code, out, err = cli("run", write_spec(GOOD.replace("in: 2, hidden", "in: 3, hidden")))
+    assert code == 2 and "cannot take the data's inputs" in err
+    assert not (tmp_path / "out.zarr").exists()
