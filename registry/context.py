@@ -79,3 +79,29 @@ class Context(Protocol):
 
     def warn(self, message: str) -> None:
         """Record a warning: printed, and stored in the group's ``warnings`` attr."""
+
+
+class Member(Protocol):
+    """One cell of a group."""
+
+    coords: dict[str, Any]          # all its cell coordinates (sweep axes and ``checkpoint``)
+    checkpoint: int
+
+    def context(self) -> Context:
+        """The cell's full :class:`Context` (built on first use)."""
+
+
+class GroupContext(Protocol):
+    """What ``run(ctx, params)`` receives for a probe with ``scope = "group"``."""
+
+    members: list[Member]           # the cells of this group, in sweep order then checkpoint order
+    coords: dict[str, Any]          # the cell coordinates shared by all members (the group's own)
+    spanned: list[str]              # the cell dims the group spans
+    device: torch.device
+    dtype: torch.dtype
+    generator: torch.Generator
+    seed: int
+
+    def progress(self, total: int, description: str) -> AbstractContextManager[Progress]: ...
+
+    def warn(self, message: str) -> None: ...

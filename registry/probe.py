@@ -24,7 +24,12 @@ class Probe:
         the context for; they appear in ``basinprobe plan`` and are computed
         once per cell however many probes request them with equal arguments.
     ``scope``
-        ``"cell"`` (default): :meth:`run` is called per cell.
+        ``"cell"`` (default): :meth:`run` is called per cell with a cell context.
+        ``"group"``: the probe compares cells (e.g. two models trained from
+        different seeds); :meth:`spans` names the cell dims it spans, and
+        :meth:`run` is called once per combination of the other cell dims
+        with a group context (``basinprobe.registry.context.GroupContext``)
+        whose ``members`` are the cells of the group.
     ``description``
         one line for ``basinprobe probes``.
 
@@ -49,6 +54,10 @@ class Probe:
         }
         resolved.update(params)
         return resolved
+
+    def spans(self, params: dict[str, Any], cell_dims: list[str]) -> list[str]:
+        """For ``scope = "group"``: the cell dims one run spans (raise ``ProbeError`` if it cannot)."""
+        return []
 
     def artifact_requests(self, params: dict[str, Any]) -> list[tuple[str, dict]]:
         """The shared artifacts a run with ``params`` will request, for the plan."""

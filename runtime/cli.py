@@ -16,9 +16,12 @@ def _spec(args):
 
 
 def cmd_validate(args) -> int:
+    from basinprobe.runtime.plan import compile_plan
+
     spec = _spec(args)
-    cells = sum(1 for _ in spec.points())
-    print(f"{args.spec}: valid ({len(spec.probes)} probe entries, {cells} sweep points)")
+    plan = compile_plan(spec)
+    print(f"{args.spec}: valid ({len(spec.probes)} probe entries, {len(plan.points)} sweep points, "
+          f"{len(plan.cells)} cells, {len(plan.groups)} groups)")
     return 0
 
 
@@ -55,6 +58,12 @@ def cmd_plan(args) -> int:
     console.print(cells)
     if len(plan.cells) > args.max_cells:
         console.print(f"... and {len(plan.cells) - args.max_cells} more cells")
+    if plan.groups:
+        groups = Table("group", "probe entry", "fixed coords", "spans", "members")
+        for group in plan.groups[: args.max_cells]:
+            groups.add_row(group.key, group.entry.name, json.dumps(group.coords), ", ".join(group.spanned),
+                           str(len(group.members)))
+        console.print(groups)
     shared_data = sum(n - 1 for n in data_nodes.values())
     console.print(f"data sets built: {len(data_nodes)} (shared by {shared_data} further sweep points)")
     console.print(f"estimated cost: training {cost['train']:.2e} flop; "

@@ -147,3 +147,34 @@ class CellContext:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+class Member:
+    """One cell of a group: its coordinates and a lazily built :class:`CellContext`."""
+
+    def __init__(self, coords: dict, checkpoint: int, build: Callable[[], CellContext]):
+        self.coords, self.checkpoint, self._build, self._context = coords, checkpoint, build, None
+
+    def context(self) -> CellContext:
+        if self._context is None:
+            self._context = self._build()
+        return self._context
+
+
+class GroupContext:
+    """The context of a group-scoped probe: the member cells and the shared services."""
+
+    def __init__(self, members: list[Member], coords: dict, spanned: list[str], *, device, dtype, seed: int,
+                 progress_factory: Callable = null_progress):
+        self.members, self.coords, self.spanned = members, dict(coords), list(spanned)
+        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._progress_factory = progress_factory
+        self.warnings: list[str] = []
+
+    def progress(self, total: int, description: str):
+        return self._progress_factory(total, description)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)

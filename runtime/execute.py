@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -14,8 +13,8 @@ import xarray as xr
 from basinprobe.registry import ProbeError, Registry, load_registry
 from basinprobe.runtime.build import (BuildError, build_data, build_model, flat_parameters, load_checkpoint,
                                       resolve_device, resolve_dtype)
-from basinprobe.runtime.context import CellContext, derive_seed
-from basinprobe.runtime.plan import Plan, PointPlan, compile_plan
+from basinprobe.runtime.context import CellContext, GroupContext, Member, derive_seed
+from basinprobe.runtime.plan import GroupPlan, Plan, PointPlan, compile_plan
 from basinprobe.runtime.progress import Reporter
 from basinprobe.runtime.spec import RESERVED_DIMS, Problem, Spec, SpecError
 from basinprobe.runtime.store import RunStore, cell_label
@@ -100,14 +99,14 @@ class Workshop:
                                      f"{tuple(data.y_train.shape[1:])}")])
 
 
-def check_result(result, entry_name: str, cell_dims: list[str]) -> xr.Dataset:
+def check_result(result, entry_name: str, forbidden_dims: list[str]) -> xr.Dataset:
     """A probe's result must be a labelled Dataset with finite numbers and legal dims."""
     if not isinstance(result, xr.Dataset):
         raise ProbeError(f"probe entry {entry_name!r} returned {type(result).__name__}, not an xarray.Dataset")
     for dim in result.dims:
         if dim in RESERVED_DIMS:
             raise ProbeError(f"dim {dim!r} is a keyword of xarray's sel; the probe must rename it")
-        if dim in cell_dims:
+        if dim in forbidden_dims:
             raise ProbeError(f"dim {dim!r} collides with a cell dim of this spec")
     for name, var in result.data_vars.items():
         if var.dtype.kind in "fc" and "nan_means" not in var.attrs:
@@ -144,16 +143,22 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     report = RunReport(str(spec.output))
     entries_meta = {e.name: {"plugin": registry.probes[e.probe].plugin} for e in spec.probes}
     point_layouts = {p.key: {"coords": p.coords} for p in plan.points}
-    todo = [(cell, entry) for cell in plan.cells for entry in cell.entries
-            if status.get((cell.key, entry.name), {}).get("status") != "done"]
-    report.skipped = sum(len(cell.entries) for cell in plan.cells) - len(todo)
+    units = [(cell.key, entry.name) for cell in plan.cells for entry in cell.entries]
+    units += [(group.key, group.entry.name) for group in plan.groups]
+    todo = [unit for unit in units if status.get(unit, {}).get("status") != "done"]
+    report.skipped = len(units) - len(todo)
     if report.skipped:
         reporter.note(f"resuming {spec.output}: {report.skipped} finished cell results kept, {len(todo)} to run")
     try:
         with reporter:
             reporter.start_cells(len(todo), f"{spec.name}")
+            states: dict[str, PointState] = {}
             for point in plan.points:
-                _run_point(point, spec, shop, store, status, reporter, report, torch_device, dtype)
+                _run_point(point, spec, shop, store, status, reporter, report, torch_device, dtype, states,
+                           keep_state=bool(plan.groups))
+            for group in plan.groups:
+                if status.get((group.key, group.entry.name), {}).get("status") != "done":
+                    _run_group(group, spec, shop, store, reporter, report, torch_device, dtype, states)
     except KeyboardInterrupt:
         report.interrupted = True
         reporter.note("interrupted: finished cells are kept; run the same command again to resume")
@@ -162,57 +167,108 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     return report
 
 
-def _run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, reporter, report, device, dtype):
-    pending = {(cell.key, entry.name) for cell in point.cells for entry in cell.entries
-               if status.get((cell.key, entry.name), {}).get("status") != "done"}
-    trajectory = store.read_trajectory(point.key, point.coords, dtype)
-    if not pending and trajectory is not None:
-        return
+@dataclass
+class PointState:
+    """A sweep point ready to probe: its model, data on the device, loss and checkpoints."""
+
+    model: torch.nn.Module
+    data: object
+    loss_fn: object
+    trajectory: dict[int, torch.Tensor]
+
+
+def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter, device, dtype) -> PointState:
+    """Build the point, loading its checkpoints from the store or training it (and storing them at once)."""
     data = shop.data(point)
     model = shop.model(point)
     loss_fn = shop.loss(point)
-    layout = {"names": [n for n, _ in model.named_parameters()],
-              "shapes": [list(p.shape) for _, p in model.named_parameters()]}
+    trajectory = store.read_trajectory(point.key, point.coords, dtype)
     if trajectory is None:
-        try:
-            trajectory = _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype)
-        except TrainingDiverged as exc:
-            for cell in point.cells:
-                for entry in cell.entries:
-                    if (cell.key, entry.name) in pending:
-                        store.write_cell(cell.key, entry.name, cell.coords, None, str(exc), [])
-                        report.failures.append(f"{cell_label(cell.coords)} {entry.name}: {exc}")
-                        reporter.cell_done(f"{cell_label(cell.coords)} {entry.name}", f"failed: {exc}")
-            return
+        trajectory = _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype)
+        layout = {"names": [n for n, _ in model.named_parameters()],
+                  "shapes": [list(p.shape) for _, p in model.named_parameters()]}
         store.write_point(point.key, point.coords, trajectory, layout)
-    moved_data = data.to(device, dtype)
+    return PointState(model, data.to(device, dtype), loss_fn, trajectory)
+
+
+def _cell_context(point: PointPlan, state: PointState, checkpoint: int, reporter, device, dtype) -> CellContext:
+    return CellContext(state.model, state.trajectory[checkpoint], state.data, state.loss_fn, device=device,
+                       dtype=dtype, seed=derive_seed(point.config.seed, point.key, checkpoint),
+                       cell={**point.coords, "checkpoint": checkpoint}, checkpoint=checkpoint,
+                       trajectory=state.trajectory, batch_size=point.config.data.batch_size,
+                       progress_factory=reporter.task)
+
+
+def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store, reporter, report) -> None:
+    """Run one probe entry on one cell (or group), write its result or its failure at once."""
+    label = f"{cell_label(coords)} {entry.name}".strip()
+    started = time.perf_counter()
+    try:
+        result = check_result(probe.run(ctx, dict(entry.params)), entry.name, forbidden_dims)
+        error = None
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # one failing probe must not stop the other cells
+        result, error = None, _describe_failure(exc)
+    store.write_cell(key, entry.name, coords, result, error, ctx.warnings)
+    if error:
+        report.failures.append(f"{label}: {error}")
+        reporter.cell_done(label, f"failed: {error}")
+    else:
+        report.done += 1
+        reporter.cell_done(label, f"done in {time.perf_counter() - started:.2f}s")
+
+
+def _fail_all(pending, coords_of, store, reporter, report, error: str) -> None:
+    for key, name in sorted(pending):
+        coords = coords_of[key]
+        store.write_cell(key, name, coords, None, error, [])
+        report.failures.append(f"{cell_label(coords)} {name}: {error}")
+        reporter.cell_done(f"{cell_label(coords)} {name}", f"failed: {error}")
+
+
+def _run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, reporter, report, device, dtype,
+               states: dict, keep_state: bool):
+    pending = {(cell.key, entry.name) for cell in point.cells for entry in cell.entries
+               if status.get((cell.key, entry.name), {}).get("status") != "done"}
+    if not pending:
+        return
+    try:
+        state = states.get(point.key) or _point_state(point, shop, store, reporter, device, dtype)
+    except TrainingDiverged as exc:
+        _fail_all(pending, {c.key: c.coords for c in point.cells}, store, reporter, report, str(exc))
+        return
+    if keep_state:
+        states[point.key] = state
     for cell in point.cells:
         entries = [e for e in cell.entries if (cell.key, e.name) in pending]
         if not entries:
             continue
-        cell_seed = derive_seed(point.config.seed, point.key, cell.checkpoint)
-        ctx = CellContext(model, trajectory[cell.checkpoint], moved_data, loss_fn, device=device, dtype=dtype,
-                          seed=cell_seed, cell=cell.coords, checkpoint=cell.checkpoint, trajectory=trajectory,
-                          batch_size=point.config.data.batch_size, progress_factory=reporter.task)
+        ctx = _cell_context(point, state, cell.checkpoint, reporter, device, dtype)
         for entry in entries:
-            label = f"{cell_label(cell.coords)} {entry.name}"
-            ctx.begin_entry(derive_seed(cell_seed, entry.name))
-            started = time.perf_counter()
-            probe = shop.registry.probes[entry.probe].obj()
-            try:
-                result = check_result(probe.run(ctx, dict(entry.params)), entry.name, spec.cell_dims)
-                error = None
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # one failing probe must not stop the other cells
-                result, error = None, _describe_failure(exc)
-            store.write_cell(cell.key, entry.name, cell.coords, result, error, ctx.warnings)
-            if error:
-                report.failures.append(f"{label}: {error}")
-                reporter.cell_done(label, f"failed: {error}")
-            else:
-                report.done += 1
-                reporter.cell_done(label, f"done in {time.perf_counter() - started:.2f}s")
+            ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
+            _run_entry(shop.registry.probes[entry.probe].obj(), ctx, entry, cell.key, cell.coords, spec.cell_dims,
+                       store, reporter, report)
+
+
+def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter, report, device, dtype,
+               states: dict):
+    members = []
+    try:
+        for point, step in group.members:
+            if point.key not in states:
+                states[point.key] = _point_state(point, shop, store, reporter, device, dtype)
+            state = states[point.key]
+            members.append(Member({**point.coords, "checkpoint": step}, step,
+                                  lambda p=point, st=state, c=step: _cell_context(p, st, c, reporter, device, dtype)))
+    except TrainingDiverged as exc:
+        _fail_all({(group.key, group.entry.name)}, {group.key: group.coords}, store, reporter, report, str(exc))
+        return
+    ctx = GroupContext(members, group.coords, group.spanned, device=device, dtype=dtype,
+                       seed=derive_seed(spec.sha256, group.key, group.entry.name), progress_factory=reporter.task)
+    forbidden = [d for d in spec.cell_dims if d not in group.spanned]
+    _run_entry(shop.registry.probes[group.entry.probe].obj(), ctx, group.entry, group.key, group.coords, forbidden,
+               store, reporter, report)
 
 
 def _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype) -> dict[int, torch.Tensor]:

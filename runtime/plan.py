@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from basinprobe.registry import Registry, load_registry
-from basinprobe.runtime.spec import PointConfig, ProbeEntry, Spec
+from basinprobe.registry import ProbeError, Registry, load_registry
+from basinprobe.runtime.spec import PointConfig, Problem, ProbeEntry, Spec, SpecError
+from basinprobe.runtime.yamlio import mark_of
 
 
 @dataclass
@@ -38,9 +39,21 @@ class PointPlan:
 
 
 @dataclass
+class GroupPlan:
+    """One run of a group-scoped probe entry over the cells that share ``coords``."""
+
+    key: str
+    entry: ProbeEntry
+    coords: dict              # the cell coordinates the members share
+    spanned: list[str]
+    members: list[tuple[PointPlan, int]]   # (sweep point, checkpoint)
+
+
+@dataclass
 class Plan:
     spec: Spec
     points: list[PointPlan]
+    groups: list[GroupPlan] = field(default_factory=list)
 
     @property
     def cells(self) -> list[CellPlan]:
@@ -61,13 +74,15 @@ def checkpoint_steps(config: PointConfig) -> tuple[list[int], str]:
 
 def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
     registry = registry or load_registry()
+    scoped = {e.name: registry.probes[e.probe].obj().scope for e in spec.probes}
+    cell_entries = [e for e in spec.probes if scoped[e.name] == "cell"]
     points = []
     for index, (coords, config) in enumerate(spec.points()):
         steps, source = checkpoint_steps(config)
         point_key = f"p{index:05d}"
         cells = []
         for step in steps:
-            entries = [e for e in spec.probes if step in e.selects(steps)]
+            entries = [e for e in cell_entries if step in e.selects(steps)]
             if not entries:
                 continue
             cell = CellPlan(f"{point_key}-c{step}", {**coords, "checkpoint": step}, step, entries)
@@ -78,7 +93,36 @@ def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
                     cell.artifacts.setdefault(node, []).append(entry.name)
             cells.append(cell)
         points.append(PointPlan(point_key, index, coords, config, steps, cells, _data_node(config), source))
-    return Plan(spec, points)
+    groups = []
+    for index, entry in enumerate(spec.probes):
+        if scoped[entry.name] == "group":
+            groups += _groups_of(spec, index, entry, points, registry)
+    return Plan(spec, points, groups)
+
+
+def _groups_of(spec: Spec, index: int, entry: ProbeEntry, points: list[PointPlan], registry) -> list[GroupPlan]:
+    probe = registry.probes[entry.probe].obj()
+    try:
+        spanned = list(probe.spans(entry.params, spec.cell_dims))
+    except ProbeError as exc:
+        path = ("probes", index, "with")
+        raise SpecError([Problem(mark_of(spec.document, path), path, str(exc))]) from None
+    unknown = [d for d in spanned if d not in spec.cell_dims]
+    if unknown:
+        path = ("probes", index, "with")
+        raise SpecError([Problem(mark_of(spec.document, path), path,
+                                 f"{entry.name!r} spans {unknown[0]!r}, which is not a cell dim of this spec "
+                                 f"(cell dims: {', '.join(spec.cell_dims)})")])
+    grouped: dict[str, GroupPlan] = {}
+    for point in points:
+        for step in entry.selects(point.steps):
+            coords = {**point.coords, "checkpoint": step}
+            fixed = {d: v for d, v in coords.items() if d not in spanned}
+            label = json.dumps(fixed, sort_keys=True)
+            if label not in grouped:
+                grouped[label] = GroupPlan(f"g{index:02d}-{len(grouped):05d}", entry, fixed, spanned, [])
+            grouped[label].members.append((point, step))
+    return list(grouped.values())
 
 
 def estimate_cost(plan: Plan, n_params: dict[str, int], n_train: dict[str, int], registry: Registry | None = None) -> dict:

@@ -249,3 +249,62 @@ def test_model_checkpoint_files_become_checkpoints(write_spec, cli, tmp_path):
     torch.manual_seed(2)
     expected = torch.nn.utils.parameters_to_vector(make_mlp(**{"in": 4, "hidden": [6], "out": 3}).parameters())
     assert np.allclose(tree["_checkpoints"]["params"].sel(seed=0, checkpoint=2).values, expected.detach().numpy())
+
+
+class SeedDistance(Probe):
+    """A group probe: distance between the parameters of every pair of seeds at one checkpoint."""
+
+    name = "seed_distance"
+    scope = "group"
+    schema = {"type": "object", "properties": {"axis": {"type": "string", "default": "seed"}},
+              "additionalProperties": False}
+
+    def spans(self, params, cell_dims):
+        if params["axis"] not in cell_dims:
+            raise ProbeError(f"there is no sweep axis {params['axis']!r}")
+        return [params["axis"]]
+
+    def run(self, ctx, params):
+        import torch
+
+        flats = [m.context().flat_params for m in ctx.members]
+        labels = [m.coords["seed"] for m in ctx.members]
+        dist = [[float(torch.linalg.vector_norm(a - b)) for b in flats] for a in flats]
+        return xr.Dataset({"distance": (("seed_a", "seed_b"), dist)}, coords={"seed_a": labels, "seed_b": labels})
+
+
+class GroupPlugin:
+    from basinprobe.registry import hookimpl
+
+    @hookimpl
+    def basinprobe_probes(self):
+        return [SeedDistance]
+
+
+def test_group_probe_runs_once_per_remaining_cell_dims(write_spec, tmp_path):
+    registry = collect_registry_with(GroupPlugin())
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: dist, probe: seed_distance}")
+    spec = load_spec(write_spec(text), registry=registry)
+    report = run_spec(spec, registry=registry)
+    assert report.ok, report.failures
+    tree = open_results(tmp_path / "out.zarr")
+    distance = tree["dist"]["distance"]
+    assert distance.dims == ("checkpoint", "seed_a", "seed_b")
+    params = tree["_checkpoints"]["params"]
+    for step in (0, 10, 20):
+        expected = np.linalg.norm(params.sel(seed=0, checkpoint=step).values - params.sel(seed=1, checkpoint=step).values)
+        assert float(distance.sel(checkpoint=step, seed_a=0, seed_b=1)) == pytest.approx(expected, rel=1e-5)
+        assert float(distance.sel(checkpoint=step, seed_a=1, seed_b=1)) == 0.0
+    again = run_spec(spec, registry=registry)
+    assert again.done == 0 and again.skipped == 6 + 3
+
+
+def test_group_probe_spanning_a_missing_axis_is_a_spec_error(write_spec, tmp_path):
+    from basinprobe.runtime.plan import compile_plan
+    from basinprobe.runtime.spec import SpecError
+
+    registry = collect_registry_with(GroupPlugin())
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: dist, probe: seed_distance, with: {axis: width}}")
+    spec = load_spec(write_spec(text), registry=registry)
+    with pytest.raises(SpecError, match=r"spec.yaml:12:\d+: at probes.1.with: there is no sweep axis 'width'"):
+        compile_plan(spec, registry)
