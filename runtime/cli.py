@@ -76,7 +76,8 @@ def cmd_run(args) -> int:
     from basinprobe.runtime.progress import Reporter
 
     spec = _spec(args)
-    report = run_spec(spec, overwrite=args.overwrite, device=args.device, reporter=Reporter(quiet=args.quiet))
+    report = run_spec(spec, overwrite=args.overwrite, device=args.device, reporter=Reporter(quiet=args.quiet),
+                      executor=args.executor, scheduler=args.scheduler, workers=args.workers)
     for failure in report.failures:
         print(f"failed: {failure}", file=sys.stderr)
     print(f"{report.store}: {report.done} cell results written, {report.skipped} kept from an earlier run, "
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("-o", "--output", help="the store (default: the spec's output:)")
     p.add_argument("--device", help="override the spec's device (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--executor", choices=["local"], default="local")
+    p.add_argument("--executor", choices=["local", "dask"], help="default: the spec's execution.executor, else local")
+    p.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:8786)")
+    p.add_argument("--workers", type=int, help="workers of the local dask cluster")
     p.add_argument("--overwrite", action="store_true", help="replace a store written by a different spec")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
     from basinprobe.registry import PluginError
     from basinprobe.runtime.results import ResultsError
     from basinprobe.runtime.spec import SpecError
+    from basinprobe.runtime.distributed import ExecutorError
     from basinprobe.runtime.store import StoreMismatch
 
     args = build_parser().parse_args(argv)
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
     except SpecError as exc:
         print(f"error: invalid spec\n{exc}", file=sys.stderr)
         return EXIT_SPEC
-    except (StoreMismatch, ResultsError, PluginError) as exc:
+    except (StoreMismatch, ResultsError, PluginError, ExecutorError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SPEC
 

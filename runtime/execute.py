@@ -125,9 +125,18 @@ def _describe_failure(exc: BaseException) -> str:
 
 
 def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
-             reporter: Reporter | None = None, registry: Registry | None = None) -> RunReport:
+             reporter: Reporter | None = None, registry: Registry | None = None,
+             executor: str | None = None, scheduler: str | None = None, workers: int | None = None) -> RunReport:
+    """Run every unfinished cell of ``spec`` and assemble its store.
+
+    ``executor`` is ``local`` (cells one after another in this process) or
+    ``dask`` (sweep points fanned out over a dask.distributed cluster); the
+    arguments override the spec's ``execution:`` block.
+    """
     registry = registry or load_registry()
     reporter = reporter or Reporter(quiet=True)
+    execution = {**spec.execution, **{k: v for k, v in (("executor", executor), ("scheduler", scheduler),
+                                                        ("workers", workers)) if v is not None}}
     plan = compile_plan(spec, registry)
     try:
         torch_device = resolve_device(device or spec.device)
@@ -136,6 +145,12 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     dtype = resolve_dtype(spec.dtype)
     shop = Workshop(spec, registry, torch_device, dtype)
     shop.preflight(plan)
+    cluster = None
+    if execution.get("executor", "local") == "dask":
+        from basinprobe.runtime.distributed import DaskCells
+
+        # Connect (and check the workers) before anything is written.
+        cluster = DaskCells.connect(spec, plan, registry, execution, device or spec.device)
 
     store = RunStore(spec.output)
     store.open_for(spec, str(torch_device), spec.dtype, overwrite)
@@ -153,16 +168,22 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
         with reporter:
             reporter.start_cells(len(todo), f"{spec.name}")
             states: dict[str, PointState] = {}
-            for point in plan.points:
-                _run_point(point, spec, shop, store, status, reporter, report, torch_device, dtype, states,
-                           keep_state=bool(plan.groups))
+            if cluster is not None:
+                cluster.run_points(plan, status, reporter, report)
+            else:
+                for point in plan.points:
+                    run_point(point, spec, shop, store, status, reporter, report, states, keep_state=bool(plan.groups))
             for group in plan.groups:
                 if status.get((group.key, group.entry.name), {}).get("status") != "done":
-                    _run_group(group, spec, shop, store, reporter, report, torch_device, dtype, states)
+                    _run_group(group, spec, shop, store, reporter, report, states)
     except KeyboardInterrupt:
         report.interrupted = True
+        if cluster is not None:
+            cluster.cancel()
         reporter.note("interrupted: finished cells are kept; run the same command again to resume")
     finally:
+        if cluster is not None:
+            cluster.close()
         store.assemble(spec, entries_meta, point_layouts)
     return report
 
@@ -177,11 +198,12 @@ class PointState:
     trajectory: dict[int, torch.Tensor]
 
 
-def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter, device, dtype) -> PointState:
+def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) -> PointState:
     """Build the point, loading its checkpoints from the store or training it (and storing them at once)."""
     data = shop.data(point)
     model = shop.model(point)
     loss_fn = shop.loss(point)
+    device, dtype = shop.device, shop.dtype
     trajectory = store.read_trajectory(point.key, point.coords, dtype)
     if trajectory is None:
         trajectory = _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype)
@@ -191,9 +213,9 @@ def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter, de
     return PointState(model, data.to(device, dtype), loss_fn, trajectory)
 
 
-def _cell_context(point: PointPlan, state: PointState, checkpoint: int, reporter, device, dtype) -> CellContext:
-    return CellContext(state.model, state.trajectory[checkpoint], state.data, state.loss_fn, device=device,
-                       dtype=dtype, seed=derive_seed(point.config.seed, point.key, checkpoint),
+def _cell_context(point: PointPlan, state: PointState, checkpoint: int, shop: Workshop, reporter) -> CellContext:
+    return CellContext(state.model, state.trajectory[checkpoint], state.data, state.loss_fn, device=shop.device,
+                       dtype=shop.dtype, seed=derive_seed(point.config.seed, point.key, checkpoint),
                        cell={**point.coords, "checkpoint": checkpoint}, checkpoint=checkpoint,
                        trajectory=state.trajectory, batch_size=point.config.data.batch_size,
                        progress_factory=reporter.task)
@@ -227,14 +249,15 @@ def _fail_all(pending, coords_of, store, reporter, report, error: str) -> None:
         reporter.cell_done(f"{cell_label(coords)} {name}", f"failed: {error}")
 
 
-def _run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, reporter, report, device, dtype,
-               states: dict, keep_state: bool):
+def run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, reporter, report,
+              states: dict, keep_state: bool = False):
+    """Every unfinished cell of one sweep point (trained or loaded once), each written when done."""
     pending = {(cell.key, entry.name) for cell in point.cells for entry in cell.entries
                if status.get((cell.key, entry.name), {}).get("status") != "done"}
     if not pending:
         return
     try:
-        state = states.get(point.key) or _point_state(point, shop, store, reporter, device, dtype)
+        state = states.get(point.key) or _point_state(point, shop, store, reporter)
     except TrainingDiverged as exc:
         _fail_all(pending, {c.key: c.coords for c in point.cells}, store, reporter, report, str(exc))
         return
@@ -244,27 +267,26 @@ def _run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, 
         entries = [e for e in cell.entries if (cell.key, e.name) in pending]
         if not entries:
             continue
-        ctx = _cell_context(point, state, cell.checkpoint, reporter, device, dtype)
+        ctx = _cell_context(point, state, cell.checkpoint, shop, reporter)
         for entry in entries:
             ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
             _run_entry(shop.registry.probes[entry.probe].obj(), ctx, entry, cell.key, cell.coords, spec.cell_dims,
                        store, reporter, report)
 
 
-def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter, report, device, dtype,
-               states: dict):
+def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter, report, states: dict):
     members = []
     try:
         for point, step in group.members:
             if point.key not in states:
-                states[point.key] = _point_state(point, shop, store, reporter, device, dtype)
+                states[point.key] = _point_state(point, shop, store, reporter)
             state = states[point.key]
             members.append(Member({**point.coords, "checkpoint": step}, step,
-                                  lambda p=point, st=state, c=step: _cell_context(p, st, c, reporter, device, dtype)))
+                                  lambda p=point, st=state, c=step: _cell_context(p, st, c, shop, reporter)))
     except TrainingDiverged as exc:
         _fail_all({(group.key, group.entry.name)}, {group.key: group.coords}, store, reporter, report, str(exc))
         return
-    ctx = GroupContext(members, group.coords, group.spanned, device=device, dtype=dtype,
+    ctx = GroupContext(members, group.coords, group.spanned, device=shop.device, dtype=shop.dtype,
                        seed=derive_seed(spec.sha256, group.key, group.entry.name), progress_factory=reporter.task)
     forbidden = [d for d in spec.cell_dims if d not in group.spanned]
     _run_entry(shop.registry.probes[group.entry.probe].obj(), ctx, group.entry, group.key, group.coords, forbidden,

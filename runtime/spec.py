@@ -26,7 +26,7 @@ from basinprobe.runtime.yamlio import Mark, load_yaml, mark_of, plain
 
 # Keywords of xarray's sel/isel: a dim with one of these names is silently misread.
 RESERVED_DIMS = frozenset({"method", "tolerance", "drop", "indexers", "indexers_kwargs", "missing_dims"})
-NOT_SWEEPABLE = ("version", "name", "sweep", "probes", "output")
+NOT_SWEEPABLE = ("version", "name", "sweep", "probes", "output", "execution")
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class Spec:
     source: Path | None
     raw: dict = field(repr=False, compare=False)
     document: dict = field(repr=False, compare=False, default=None)  # the marked YAML, for error locations
+    execution: dict = field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
@@ -416,4 +417,4 @@ def _build(doc, text: str, source: Path | None, output: str | None, registry: Re
         out = base / "results" / f"{name}.zarr"
     return Spec(name=name, device=raw.get("device", "auto"), dtype=raw.get("dtype", "float32"),
                 probes=tuple(probes), sweep=sweep, output=out, text=text, source=source, raw=raw,
-                document=doc)
+                document=doc, execution=dict(raw.get("execution", {})))

@@ -1,0 +1,174 @@
+"""The dask executor: sweep points fanned out over a dask.distributed cluster.
+
+The unit of work is a sweep point (its training run and all its cells),
+because the cells of a point share the training. Each worker writes only its
+own cells' staging groups (``_cells/<cell>/<entry>``, ``_points/<point>``), so
+no two workers touch the same files and no lock is needed; the coordinator
+creates the store before any worker starts and assembles and consolidates it
+once at the end. Group-scoped probes (which compare points) run on the
+coordinator after the points are done. A task whose worker dies is retried
+by the scheduler; the retry reads the store and redoes only unfinished cells.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from basinprobe.registry import load_registry
+from basinprobe.runtime.store import cell_label
+
+
+class ExecutorError(Exception):
+    """The cluster cannot run this spec (unreachable, or its workers lack what the spec needs)."""
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise ExecutorError("the dask executor needs dask.distributed: pip install 'basinprobe[dask]'") from None
+    return distributed
+
+
+def worker_inventory() -> dict:
+    """What a worker can run (called on every worker before any task is sent)."""
+    try:
+        registry = load_registry(refresh=True)
+    except Exception as exc:  # noqa: BLE001 - reported to the coordinator as text
+        return {"error": f"basinprobe cannot load its plugins: {type(exc).__name__}: {exc}"}
+    return {
+        "probes": sorted(registry.probes), "models": sorted(registry.models),
+        "datasets": sorted(registry.datasets), "losses": sorted(registry.losses),
+        "gpus": torch.cuda.device_count(),
+    }
+
+
+def _needs(spec, plan) -> dict[str, set]:
+    needs = {"probes": {e.probe for e in spec.probes}, "models": set(), "datasets": set(), "losses": set()}
+    for point in plan.points:
+        if point.config.model.kind:
+            needs["models"].add(point.config.model.kind)
+        needs["datasets"].add(point.config.data.kind)
+        needs["losses"].add(point.config.loss)
+    return needs
+
+
+def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key: str, device: str,
+                   threads: int) -> tuple[int, list[str]]:
+    """On a worker: run every unfinished cell of one sweep point; return (cells done, failures)."""
+    from basinprobe.runtime.build import resolve_device, resolve_dtype
+    from basinprobe.runtime.execute import RunReport, Workshop, run_point
+    from basinprobe.runtime.plan import compile_plan
+    from basinprobe.runtime.progress import Reporter
+    from basinprobe.runtime.spec import load_spec
+    from basinprobe.runtime.store import RunStore
+
+    torch.set_num_threads(threads)
+    spec = load_spec(spec_path, text=spec_text, output=output)
+    registry = load_registry()
+    plan = compile_plan(spec, registry)
+    point = next(p for p in plan.points if p.key == point_key)
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda" and torch_device.index is None and torch.cuda.device_count() > 1:
+        # Without dask-cuda every worker sees every GPU: pin one per worker.
+        from distributed import get_worker
+
+        name = get_worker().name
+        slot = name if isinstance(name, int) else abs(hash(name))
+        torch_device = torch.device("cuda", slot % torch.cuda.device_count())
+    shop = Workshop(spec, registry, torch_device, resolve_dtype(spec.dtype))
+    store = RunStore(spec.output)
+    report = RunReport(str(spec.output))
+    run_point(point, spec, shop, store, store.status(), Reporter(quiet=True), report, {})
+    return report.done, report.failures
+
+
+class DaskCells:
+    """A connection to a cluster that runs the sweep points of one spec."""
+
+    def __init__(self, client, cluster, spec, device: str, threads: int):
+        self.client, self.cluster, self.spec, self.device, self.threads = client, cluster, spec, device, threads
+        self.futures = []
+
+    @classmethod
+    def connect(cls, spec, plan, registry, execution: dict, device: str) -> "DaskCells":
+        distributed = _import_distributed()
+        threads = int(execution.get("threads_per_worker", 1))
+        timeout = float(execution.get("timeout", 10))
+        cluster = None
+        address = execution.get("scheduler")
+        try:
+            if address:
+                client = distributed.Client(address, timeout=timeout)
+            else:
+                gpus = torch.cuda.device_count()
+                workers = int(execution.get("workers") or gpus or 2)
+                cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                                                   dashboard_address=None)
+                client = distributed.Client(cluster, timeout=timeout)
+        except (OSError, TimeoutError, RuntimeError) as exc:
+            raise ExecutorError(f"cannot reach the dask scheduler {address or '(local)'} within {timeout:g} s: "
+                                f"{exc}; check the address, or leave out --scheduler to start a local cluster") from None
+        self = cls(client, cluster, spec, device, threads)
+        try:
+            self._check_workers(plan)
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def _check_workers(self, plan) -> None:
+        inventories = self.client.run(worker_inventory)
+        if not inventories:
+            raise ExecutorError("the dask cluster has no workers")
+        needs = _needs(self.spec, plan)
+        problems = []
+        for worker, inventory in sorted(inventories.items()):
+            if "error" in inventory:
+                problems.append(f"worker {worker}: {inventory['error']}")
+                continue
+            for kind, wanted in needs.items():
+                missing = sorted(wanted - set(inventory[kind]))
+                if missing:
+                    problems.append(f"worker {worker} lacks {kind[:-1]} {', '.join(map(repr, missing))} "
+                                    "(install the plugin that provides it on every worker)")
+        if problems:
+            raise ExecutorError("; ".join(problems))
+
+    def run_points(self, plan, status, reporter, report) -> None:
+        from distributed import as_completed
+
+        pending = {}
+        for point in plan.points:
+            units = [(c.key, e.name) for c in point.cells for e in c.entries]
+            todo = [u for u in units if status.get(u, {}).get("status") != "done"]
+            if not todo:
+                continue
+            future = self.client.submit(
+                run_point_task, self.spec.text, str(self.spec.source) if self.spec.source else None,
+                str(self.spec.output), point.key, self.device, self.threads,
+                key=f"basinprobe-{self.spec.sha256[:10]}-{point.key}", pure=False, retries=2)
+            pending[future] = (point, len(todo))
+        self.futures = list(pending)
+        for future in as_completed(self.futures):
+            point, count = pending[future]
+            label = cell_label(point.coords) or point.key
+            try:
+                done, failures = future.result()
+            except Exception as exc:  # the task failed beyond its retries (e.g. workers kept dying)
+                done, failures = 0, [f"{label}: {type(exc).__name__}: {exc}"]
+            report.done += done
+            report.failures.extend(failures)
+            for _ in range(count):
+                reporter.cell_done(label, f"{done} done, {len(failures)} failed")
+
+    def cancel(self) -> None:
+        if self.futures:
+            self.client.cancel(self.futures)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()

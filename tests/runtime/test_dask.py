@@ -1,0 +1,112 @@
+"""The dask executor: identical results, failures and bad clusters reported clearly."""
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+from basinprobe.registry import collect_registry_with
+from basinprobe.runtime import open_results
+from basinprobe.runtime.distributed import ExecutorError
+from basinprobe.runtime.execute import run_spec
+from basinprobe.runtime.spec import load_spec
+from conftest import TINY_SPEC
+from test_run import FlakyPlugin
+
+SWEEP = TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep:\n  seed: [0, 1]\n  model.with.hidden: [[6], [3]]")
+
+
+def assert_same_store(a, b):
+    ta, tb = open_results(a), open_results(b)
+    for group in ("eval", "_checkpoints"):
+        for name, var in ta[group].to_dataset().data_vars.items():
+            np.testing.assert_array_equal(var.values, tb[group][name].values, err_msg=f"{group}/{name}")
+
+
+def test_dask_run_is_bit_identical_to_local(write_spec, cli, tmp_path):
+    local = write_spec(SWEEP.replace("out.zarr", "local.zarr"), "local.yaml")
+    dask = write_spec(SWEEP.replace("out.zarr", "dask.zarr"), "dask.yaml")
+    assert cli("run", local, "-q")[0] == 0
+    code, out, err = cli("run", dask, "-q", "--executor", "dask", "--workers", "2")
+    assert code == 0, err
+    assert_same_store(tmp_path / "local.zarr", tmp_path / "dask.zarr")
+    assert open_results(tmp_path / "dask.zarr")["eval"]["loss"].dims == ("seed", "hidden", "checkpoint", "split")
+    # resuming on dask keeps everything
+    code, out, err = cli("run", dask, "-q", "--executor", "dask", "--workers", "2")
+    assert code == 0 and "0 cell results written, 12 kept" in out
+
+
+def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tiny_spec, cli, tmp_path):
+    started = time.time()
+    code, out, err = cli("run", tiny_spec, "--executor", "dask", "--scheduler", "tcp://127.0.0.1:9")
+    assert code == 2 and "cannot reach the dask scheduler tcp://127.0.0.1:9" in err
+    assert time.time() - started < 60
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_workers_lacking_a_probe_are_named(write_spec, tmp_path):
+    registry = collect_registry_with(FlakyPlugin())  # only this process knows 'flaky'
+    spec = load_spec(write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: flaky, probe: flaky}")),
+                     registry=registry)
+    with pytest.raises(ExecutorError, match=r"lacks probe 'flaky' \(install the plugin that provides it"):
+        run_spec(spec, registry=registry, executor="dask", workers=1)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_missing_dask_names_the_extra(tiny_spec, cli, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    code, out, err = cli("run", tiny_spec, "--executor", "dask")
+    assert code == 2 and "pip install 'basinprobe[dask]'" in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_killed_worker_has_its_point_retried_and_the_store_is_whole(write_spec, tmp_path):
+    slow = SWEEP.replace("steps: 20", "steps: 300").replace("at: [0, 10, 20]", "every: 100")
+    spec = load_spec(write_spec(slow))
+    reference = load_spec(write_spec(slow.replace("out.zarr", "ref.zarr"), "ref.yaml"))
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("report", run_spec(spec, executor="dask", workers=2)))
+    runner.start()
+    staged = tmp_path / "out.zarr" / "_cells"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(staged.glob("p*/eval/zarr.json")):
+        time.sleep(0.05)
+    workers = [p for p in multiprocessing.active_children() if p.is_alive()]
+    assert workers, "no worker process to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    runner.join(timeout=240)
+    report = outcome["report"]
+    assert report.ok, report.failures
+    assert run_spec(reference).ok
+    assert_same_store(tmp_path / "out.zarr", tmp_path / "ref.zarr")
+
+
+def test_sigint_on_the_coordinator_keeps_finished_cells_and_resumes(write_spec, tmp_path):
+    import subprocess
+
+    slow = SWEEP.replace("steps: 20", "steps: 600").replace("at: [0, 10, 20]", "every: 200")
+    spec = write_spec(slow)
+    command = [sys.executable, "-m", "basinprobe.runtime.cli", "run", str(spec), "-q", "--executor", "dask",
+               "--workers", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staged = tmp_path / "out.zarr" / "_cells"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(staged.glob("p*/eval/zarr.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "(interrupted)" in out
+    kept = open_results(tmp_path / "out.zarr")["eval"]["loss"]
+    assert np.isfinite(kept.values).any()
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert " 0 kept" not in resumed.stdout
+    assert np.isfinite(open_results(tmp_path / "out.zarr")["eval"]["loss"].values).all()
