@@ -43,6 +43,7 @@ class Probe:
     schema: ClassVar[dict] = OPEN_OBJECT
     requires: ClassVar[tuple[str, ...]] = ()
     scope: ClassVar[str] = "cell"
+    batched: ClassVar[bool] = False  # run_batched computes several cells at once (vmap over models)
     description: ClassVar[str] = ""
 
     def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +67,15 @@ class Probe:
     def cost(self, params: dict[str, Any], n_params: int, n_train: int) -> float:
         """A rough cost in forward-pass-equivalents over one sample, for the plan."""
         return float(n_train)
+
+    def run_batched(self, ctxs: list, params: dict[str, Any]) -> list:
+        """Measure several cells that share an architecture, data and checkpoint step.
+
+        Called instead of :meth:`run` when the spec asks for ``execution: {batch_cells: true}``
+        and the probe sets ``batched = True``. Must return one Dataset per context, equal
+        (to floating-point tolerance) to what :meth:`run` returns for it. The default loops.
+        """
+        return [self.run(ctx, params) for ctx in ctxs]
 
     def run(self, ctx, params: dict[str, Any]):
         """Measure one cell; return an ``xarray.Dataset``."""

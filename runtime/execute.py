@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -171,8 +172,12 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
             if cluster is not None:
                 cluster.run_points(plan, status, reporter, report)
             else:
+                batched = _batched_entries(spec, registry) if execution.get("batch_cells") else frozenset()
                 for point in plan.points:
-                    run_point(point, spec, shop, store, status, reporter, report, states, keep_state=bool(plan.groups))
+                    run_point(point, spec, shop, store, status, reporter, report, states,
+                              keep_state=bool(plan.groups or batched), skip=batched)
+                for batch in _batches(plan, batched, status):
+                    _run_batch(batch, spec, shop, store, reporter, report, states)
             for group in plan.groups:
                 if status.get((group.key, group.entry.name), {}).get("status") != "done":
                     _run_group(group, spec, shop, store, reporter, report, states)
@@ -223,7 +228,6 @@ def _cell_context(point: PointPlan, state: PointState, checkpoint: int, shop: Wo
 
 def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store, reporter, report) -> None:
     """Run one probe entry on one cell (or group), write its result or its failure at once."""
-    label = f"{cell_label(coords)} {entry.name}".strip()
     started = time.perf_counter()
     try:
         result = check_result(probe.run(ctx, dict(entry.params)), entry.name, forbidden_dims)
@@ -232,13 +236,18 @@ def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store,
         raise
     except Exception as exc:  # one failing probe must not stop the other cells
         result, error = None, _describe_failure(exc)
-    store.write_cell(key, entry.name, coords, result, error, ctx.warnings)
+    _record(entry, key, coords, result, error, ctx.warnings, time.perf_counter() - started, store, reporter, report)
+
+
+def _record(entry, key, coords, result, error, warnings_, seconds, store, reporter, report) -> None:
+    label = f"{cell_label(coords)} {entry.name}".strip()
+    store.write_cell(key, entry.name, coords, result, error, warnings_)
     if error:
         report.failures.append(f"{label}: {error}")
         reporter.cell_done(label, f"failed: {error}")
     else:
         report.done += 1
-        reporter.cell_done(label, f"done in {time.perf_counter() - started:.2f}s")
+        reporter.cell_done(label, f"done in {seconds:.2f}s")
 
 
 def _fail_all(pending, coords_of, store, reporter, report, error: str) -> None:
@@ -250,10 +259,13 @@ def _fail_all(pending, coords_of, store, reporter, report, error: str) -> None:
 
 
 def run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, reporter, report,
-              states: dict, keep_state: bool = False):
-    """Every unfinished cell of one sweep point (trained or loaded once), each written when done."""
+              states: dict, keep_state: bool = False, skip: frozenset = frozenset()):
+    """Every unfinished cell of one sweep point (trained or loaded once), each written when done.
+
+    Entries named in ``skip`` are left for a batched run over several points.
+    """
     pending = {(cell.key, entry.name) for cell in point.cells for entry in cell.entries
-               if status.get((cell.key, entry.name), {}).get("status") != "done"}
+               if status.get((cell.key, entry.name), {}).get("status") != "done" and entry.name not in skip}
     if not pending:
         return
     try:
@@ -272,6 +284,57 @@ def run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, r
             ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
             _run_entry(shop.registry.probes[entry.probe].obj(), ctx, entry, cell.key, cell.coords, spec.cell_dims,
                        store, reporter, report)
+
+
+def _batched_entries(spec: Spec, registry: Registry) -> frozenset:
+    return frozenset(e.name for e in spec.probes
+                     if registry.probes[e.probe].obj().batched and registry.probes[e.probe].obj().scope == "cell")
+
+
+def _batches(plan: Plan, batched: frozenset, status) -> list[list]:
+    """Unfinished cells of batched entries, grouped by entry, checkpoint, data and architecture."""
+    groups: dict[tuple, list] = {}
+    for point in plan.points:
+        model = point.config.model
+        architecture = json.dumps([model.kind, model.factory, model.with_], sort_keys=True)
+        for cell in point.cells:
+            for entry in cell.entries:
+                if entry.name in batched and status.get((cell.key, entry.name), {}).get("status") != "done":
+                    key = (entry.name, cell.checkpoint, point.data_node, architecture)
+                    groups.setdefault(key, []).append((point, cell, entry))
+    return list(groups.values())
+
+
+def _run_batch(batch: list, spec, shop: Workshop, store: RunStore, reporter, report, states: dict) -> None:
+    """One ``run_batched`` call over cells that differ only in their parameters (e.g. seeds)."""
+    entry = batch[0][2]
+    members = []
+    for point, cell, _ in batch:
+        try:
+            if point.key not in states:
+                states[point.key] = _point_state(point, shop, store, reporter)
+        except TrainingDiverged as exc:
+            _fail_all({(cell.key, entry.name)}, {cell.key: cell.coords}, store, reporter, report, str(exc))
+            continue
+        ctx = _cell_context(point, states[point.key], cell.checkpoint, shop, reporter)
+        ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
+        members.append((cell, ctx))
+    if not members:
+        return
+    probe = shop.registry.probes[entry.probe].obj()
+    started = time.perf_counter()
+    try:
+        results = probe.run_batched([ctx for _, ctx in members], dict(entry.params))
+        results = [check_result(r, entry.name, spec.cell_dims) for r in results]
+    except KeyboardInterrupt:
+        raise
+    except Exception:  # a failure inside a batch is attributed cell by cell, unbatched
+        for cell, ctx in members:
+            _run_entry(probe, ctx, entry, cell.key, cell.coords, spec.cell_dims, store, reporter, report)
+        return
+    seconds = (time.perf_counter() - started) / len(members)
+    for (cell, ctx), result in zip(members, results):
+        _record(entry, cell.key, cell.coords, result, None, ctx.warnings, seconds, store, reporter, report)
 
 
 def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter, report, states: dict):

@@ -308,3 +308,14 @@ def test_group_probe_spanning_a_missing_axis_is_a_spec_error(write_spec, tmp_pat
     spec = load_spec(write_spec(text), registry=registry)
     with pytest.raises(SpecError, match=r"spec.yaml:12:\d+: at probes.1.with: there is no sweep axis 'width'"):
         compile_plan(spec, registry)
+
+
+def test_batched_cells_equal_the_unbatched_run(write_spec, tmp_path):
+    text = TINY_SPEC.replace("seed: [0, 1]", "seed: [0, 1, 2]").replace("device: cpu", "device: cpu\ndtype: float64")
+    plain = load_spec(write_spec(text.replace("out.zarr", "plain.zarr"), "plain.yaml"))
+    batched = load_spec(write_spec(text.replace("out.zarr", "batched.zarr") + "execution: {batch_cells: true}\n",
+                                   "batched.yaml"))
+    assert run_spec(plain).ok and run_spec(batched).ok
+    a, b = open_results(tmp_path / "plain.zarr")["eval"], open_results(tmp_path / "batched.zarr")["eval"]
+    for name in ("loss", "accuracy"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12, atol=0)
