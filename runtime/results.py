@@ -83,30 +83,20 @@ def describe_tree(tree: xr.DataTree) -> str:
     return "\n".join(lines)
 
 
-def to_frame(obj):
-    if isinstance(obj, xr.Dataset):
-        return obj.to_dataframe() if obj.dims else obj.to_pandas().to_frame().T if hasattr(obj, "to_pandas") else None
-    name = obj.name or "value"
-    if not obj.dims:
-        import pandas as pd
-
-        return pd.DataFrame({name: [obj.values.item()]})
-    return obj.to_dataframe(name=name).reset_index().drop(
-        columns=[c for c in obj.coords if c not in obj.dims and c != name], errors="ignore")
-
-
 def format_values(obj, fmt: str) -> str:
-    if isinstance(obj, xr.Dataset):
-        frame = obj.to_dataframe().reset_index() if obj.dims else None
-        if frame is None:
-            frame = __import__("pandas").DataFrame({k: [v.values.item()] for k, v in obj.data_vars.items()})
+    """A variable (or a whole group) as a table, CSV or JSON records, one row per coordinate combination."""
+    import pandas as pd
+
+    ds = obj.to_dataset(name=obj.name or "value") if isinstance(obj, xr.DataArray) else obj
+    ds = ds.drop_vars([c for c in ds.coords if c not in ds.dims])
+    if ds.dims:
+        frame = ds.to_dataframe().reset_index()
     else:
-        frame = to_frame(obj)
+        frame = pd.DataFrame({name: [var.values.item()] for name, var in ds.data_vars.items()})
     if fmt == "csv":
         return frame.to_csv(index=False).rstrip("\n")
     if fmt == "json":
-        records = json.loads(frame.to_json(orient="records"))
-        return json.dumps(records, indent=1)
+        return json.dumps(json.loads(frame.to_json(orient="records")), indent=1)
     return frame.to_string(index=False)
 
 
