@@ -26,6 +26,7 @@ class Context(Protocol):
     seed: int                       # the integer that seeded ``generator``
     cell: dict[str, Any]            # the cell's coordinates: sweep axes and ``checkpoint``
     checkpoint: int                 # training step of this cell (0 if untrained)
+    compile: bool                   # the spec asked for torch.compile of hot loops (execution.compile)
 
     # --- the model, functionally ------------------------------------------------------
     model: torch.nn.Module          # on device/dtype; its own tensors are not the cell's parameters

@@ -49,7 +49,9 @@ class CellContext:
         trajectory: dict[int, torch.Tensor] | None = None,
         batch_size: int | None = None,
         progress_factory: Callable = null_progress,
+        compile: bool = False,
     ):
+        self.compile = compile  # wrap hot inner loops in torch.compile (substrate.compiled)
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype)

@@ -223,7 +223,7 @@ def _cell_context(point: PointPlan, state: PointState, checkpoint: int, shop: Wo
                        dtype=shop.dtype, seed=derive_seed(point.config.seed, point.key, checkpoint),
                        cell={**point.coords, "checkpoint": checkpoint}, checkpoint=checkpoint,
                        trajectory=state.trajectory, batch_size=point.config.data.batch_size,
-                       progress_factory=reporter.task)
+                       progress_factory=reporter.task, compile=bool(shop.spec.execution.get("compile", False)))
 
 
 def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store, reporter, report) -> None:
