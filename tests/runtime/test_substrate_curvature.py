@@ -1,0 +1,275 @@
+"""Truth tests of the curvature engine: products, Lanczos, SLQ, trace estimators, dense path, artifacts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.linalg import eigsh
+
+from basinprobe.registry import Dataset
+from basinprobe.runtime.losses import cross_entropy, mse
+from basinprobe.runtime.models import make_mlp
+from basinprobe.runtime.substrate.dense import dense_hessian, dense_operator
+from basinprobe.runtime.substrate.hvp import curvature_operator
+from basinprobe.runtime.substrate.lanczos import lanczos, lanczos_quadrature
+from basinprobe.runtime.substrate.slq import density_grid, slq, spectral_density, trace_function
+from basinprobe.runtime.substrate.trace import hutchinson, hutchpp
+from basinprobe.runtime.substrate.volume import (log_unit_ball_volume, monte_carlo_log_volume, ray_radii,
+                                                 uniform_directions)
+from basinprobe.runtime.testing import make_context, regression_data
+
+F64 = torch.float64
+
+
+def classifier_context(seed=0, hidden=(5,), n=48, d_in=4, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d_in, generator=g, dtype=F64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    torch.manual_seed(seed)
+    model = make_mlp(**{"in": d_in, "hidden": list(hidden), "out": classes, "activation": "tanh"})
+    return make_context(model, Dataset(X, y, X[:0], y[:0], task="classification", n_classes=classes),
+                        cross_entropy, batch_size=16, trajectory=None)
+
+
+def func_hessian(ctx):
+    X, y = ctx.data.split("train")
+    return torch.func.hessian(lambda t: ctx.loss_fn(ctx.forward(t, X), y))(ctx.flat_params)
+
+
+def known_matrix(eigenvalues, seed=0):
+    """Q diag(λ) Qᵀ with a random orthogonal Q."""
+    n = len(eigenvalues)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=F64)) @ Q.T
+
+
+# --- products -------------------------------------------------------------------------------
+
+def test_hessian_products_equal_columns_of_torch_func_hessian_in_every_formulation():
+    ctx = classifier_context()
+    H = func_hessian(ctx)
+    eye = torch.eye(ctx.n_params, dtype=F64)
+    for op in (curvature_operator(ctx), curvature_operator(ctx, cache=False),
+               curvature_operator(ctx, batch_size=10)):
+        assert torch.allclose(op.matmat(eye), H, atol=1e-12)
+        assert torch.allclose(op.matmat(eye, batched=True), H, atol=1e-12)
+        assert op.count == 2 * ctx.n_params
+
+
+def test_ggn_product_is_jacobian_sandwich_of_output_hessian():
+    # G = Σ_a J_aᵀ (∇²_z ℓ) J_a, with J = ∂f(x_a)/∂θ and the loss's Hessian in the outputs
+    ctx = classifier_context(seed=1)
+    X, y = ctx.data.split("train")
+    J = torch.func.jacrev(lambda t: ctx.forward(t, X))(ctx.flat_params)           # (N, C, n)
+    z = ctx.forward(ctx.flat_params, X)
+    H_out = torch.func.hessian(lambda out: cross_entropy(out, y))(z)               # (N, C, N, C)
+    G = torch.einsum("aip,aibj,bjq->pq", J, H_out, J)
+    op = curvature_operator(ctx, "ggn")
+    eye = torch.eye(ctx.n_params, dtype=F64)
+    assert torch.allclose(op.matmat(eye), G, atol=1e-12)
+    assert torch.allclose(op.matmat(eye, batched=True), G, atol=1e-12)
+    assert torch.linalg.eigvalsh(G).min() > -1e-12  # PSD for a convex loss of the outputs
+
+
+def test_ggn_equals_hessian_for_a_model_linear_in_its_parameters():
+    X = torch.randn(30, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    ctx = make_context(make_mlp(**{"in": 5, "hidden": [], "out": 2}), regression_data(X, X[:, :2] ** 2), mse)
+    eye = torch.eye(ctx.n_params, dtype=F64)
+    assert torch.allclose(curvature_operator(ctx, "ggn").matmat(eye), curvature_operator(ctx).matmat(eye), atol=1e-12)
+
+
+def test_scipy_linear_operator_gives_the_dense_top_eigenvalue():
+    ctx = classifier_context(seed=3)
+    op = curvature_operator(ctx)
+    top = eigsh(op.as_linear_operator(), k=1, which="LA", tol=1e-12)[0][0]
+    assert top == pytest.approx(float(torch.linalg.eigvalsh(func_hessian(ctx))[-1]), rel=1e-9)
+    assert op.count > 0
+
+
+def test_gradient_and_loss_of_operator_match_autograd_over_first_batches():
+    ctx = classifier_context(seed=4)
+    op = curvature_operator(ctx, batches=2)  # first 2 minibatches of batch_size 16
+    X, y = ctx.data.split("train")
+    theta = ctx.flat_params.clone().requires_grad_(True)
+    loss = cross_entropy(ctx.forward(theta, X[:32]), y[:32])
+    assert op.n_examples == 32
+    assert op.loss_value == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert torch.allclose(op.gradient, torch.autograd.grad(loss, theta)[0], atol=1e-13)
+
+
+# --- dense path -----------------------------------------------------------------------------
+
+def test_dense_hessian_is_torch_func_hessian_also_for_mse_and_minibatches():
+    # mse goes through the workaround for torch.func.grad's ZeroTensor error in forward-over-reverse
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(40, 3, generator=g, dtype=F64), torch.randn(40, 2, generator=g, dtype=F64)
+    torch.manual_seed(5)
+    ctx = make_context(make_mlp(**{"in": 3, "hidden": [4], "out": 2, "activation": "tanh"}),
+                       regression_data(X, y), mse)
+    H = func_hessian(ctx)
+    assert torch.allclose(dense_hessian(ctx, chunk_size=5), H, atol=1e-12)
+    assert torch.allclose(dense_hessian(ctx, batch_size=7), H, atol=1e-12)
+    assert torch.allclose(dense_operator(curvature_operator(ctx), chunk_size=4), H, atol=1e-12)
+
+
+# --- Lanczos --------------------------------------------------------------------------------
+
+def test_lanczos_top_and_bottom_eigenpairs_of_a_known_spectrum():
+    eigenvalues = torch.linspace(-1.0, 3.0, 300, dtype=F64) ** 3
+    A = known_matrix(eigenvalues)
+    for which, expected in (("top", eigenvalues.flip(0)[:6]), ("bottom", eigenvalues[:6])):
+        result = lanczos(lambda v: A @ v, 300, 6, which, tol=1e-10)
+        assert result.converged
+        assert torch.allclose(result.values, expected, rtol=1e-8)
+        residual = A @ result.vectors - result.vectors * result.values
+        assert residual.norm(dim=0).max() < 1e-4
+        assert torch.allclose(result.vectors.T @ result.vectors, torch.eye(6, dtype=F64), atol=1e-10)
+
+
+def test_thick_restart_bounds_the_basis_and_still_converges():
+    eigenvalues = torch.cat([torch.tensor([10.0, 9.0, 8.5, 8.0], dtype=F64), torch.linspace(0, 7, 396, dtype=F64)])
+    A = known_matrix(eigenvalues, seed=1)
+    result = lanczos(lambda v: A @ v, 400, 4, "top", tol=1e-10, max_basis=12)
+    assert result.restarts > 0 and result.converged
+    assert torch.allclose(result.values, eigenvalues[:4], rtol=1e-9)
+
+
+def test_lanczos_stops_as_soon_as_the_requested_accuracy_is_reached():
+    A = known_matrix(torch.cat([torch.tensor([5.0, 4.0, 3.0], dtype=F64), torch.rand(197, dtype=F64,
+                               generator=torch.Generator().manual_seed(0))]))
+    loose = lanczos(lambda v: A @ v, 200, 3, tol=1e-3)
+    tight = lanczos(lambda v: A @ v, 200, 3, tol=1e-12)
+    assert loose.matvecs < tight.matvecs < 200
+    assert torch.allclose(loose.values, torch.tensor([5.0, 4.0, 3.0], dtype=F64), rtol=1e-3)
+    assert (loose.errors <= 1e-3 * loose.values.abs()).all()
+
+
+def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue():
+    # the Krylov space of one start vector sees each distinct eigenvalue once; a breakdown
+    # must continue in a fresh direction to find the other copies
+    eigenvalues = torch.tensor([5.0, 5.0, 5.0] + [1.0] * 47, dtype=F64)
+    A = known_matrix(eigenvalues, seed=2)
+    result = lanczos(lambda v: A @ v, 50, 4, "top", tol=1e-10)
+    assert torch.allclose(result.values, torch.tensor([5.0, 5.0, 5.0, 1.0], dtype=F64), atol=1e-9)
+
+
+def test_lanczos_quadrature_is_exact_for_polynomials_of_degree_below_2m():
+    A = known_matrix(torch.linspace(-2, 2, 60, dtype=F64), seed=3)
+    v = torch.randn(60, generator=torch.Generator().manual_seed(3), dtype=F64)
+    nodes, weights = lanczos_quadrature(lambda x: A @ x, v, steps=4)
+    assert len(nodes) == 4 and float(weights.sum()) == pytest.approx(1.0, abs=1e-12)
+    for p in range(8):  # exact for degree <= 2m - 1 = 7
+        exact = float(v @ torch.linalg.matrix_power(A, p) @ v / (v @ v))
+        assert float((weights * nodes**p).sum()) == pytest.approx(exact, abs=1e-10)
+
+
+# --- SLQ and trace estimators ---------------------------------------------------------------
+
+def test_slq_log_determinant_is_within_three_standard_errors():
+    eigenvalues = torch.logspace(-2, 1, 200, dtype=F64)
+    A = known_matrix(eigenvalues, seed=4)
+    q = slq(lambda v: A @ v, 200, probes=30, steps=25, generator=torch.Generator().manual_seed(4))
+    estimate, stderr = trace_function(q, torch.log)
+    exact = float(eigenvalues.log().sum())  # log det A = Σ log λ_i
+    assert 0 < stderr < 0.1 * abs(exact)
+    assert abs(estimate - exact) < 3 * stderr
+    assert q.matvecs == 30 * 25
+
+
+def test_slq_density_integrates_to_one_and_has_mean_trace_over_n():
+    eigenvalues = torch.cat([torch.linspace(-1, 1, 150, dtype=F64), torch.tensor([4.0, 6.0], dtype=F64)])
+    A = known_matrix(eigenvalues, seed=5)
+    q = slq(lambda v: A @ v, 152, probes=10, steps=20, generator=torch.Generator().manual_seed(5))
+    grid, sigma = density_grid(q.nodes, 400, 0.01)
+    phi = spectral_density(q.nodes, q.weights, grid, sigma)
+    assert float(torch.trapezoid(phi, grid)) == pytest.approx(1.0, abs=1e-6)
+    mean, mean_se = trace_function(q, lambda t: t)
+    assert float(torch.trapezoid(grid * phi, grid)) == pytest.approx(mean / 152, abs=1e-6)
+    assert abs(mean - float(eigenvalues.sum())) < 3 * mean_se
+
+
+def test_hutchinson_and_hutchpp_are_within_three_standard_errors_and_hutchpp_is_tighter():
+    eigenvalues = torch.cat([torch.tensor([50.0, 30.0, 20.0], dtype=F64), torch.rand(
+        297, dtype=F64, generator=torch.Generator().manual_seed(6))])
+    A = known_matrix(eigenvalues, seed=6)
+    exact = float(eigenvalues.sum())
+    plain = hutchinson(lambda V: A @ V, 300, 60, torch.Generator().manual_seed(6))
+    plus = hutchpp(lambda V: A @ V, 300, 60, torch.Generator().manual_seed(6))
+    for estimate in (plain, plus):
+        assert abs(estimate.value - exact) < 3 * estimate.stderr
+    assert plus.stderr < plain.stderr / 3
+    assert plus.matvecs == 60
+
+
+def test_hutchpp_is_exact_when_its_sketch_spans_the_space():
+    A = known_matrix(torch.linspace(-3, 5, 10, dtype=F64), seed=7)
+    estimate = hutchpp(lambda V: A @ V, 10, 30, torch.Generator().manual_seed(7))
+    assert estimate.value == pytest.approx(float(torch.trace(A)), abs=1e-12)
+    assert estimate.stderr == 0.0
+
+
+# --- artifacts ------------------------------------------------------------------------------
+
+def test_eigen_artifact_lanczos_and_dense_paths_agree_with_torch_func_hessian():
+    ctx = classifier_context(seed=8, hidden=(6,))
+    exact = torch.linalg.eigvalsh(func_hessian(ctx))
+    dense = ctx.artifact("hessian.eigen", k=4, which="top", method="dense")
+    krylov = ctx.artifact("hessian.eigen", k=4, which="top", method="lanczos", tol=1e-10)
+    assert dense.method == "dense" and krylov.method == "lanczos"
+    for result in (dense, krylov):
+        assert torch.allclose(result.values, exact.flip(0)[:4], rtol=1e-8)
+        assert result.vectors.shape == (ctx.n_params, 4)
+    assert ctx.artifact("hessian.eigen", k=4, which="top", method="lanczos", tol=1e-10) is krylov  # cached
+    bottom = ctx.artifact("hessian.eigen", k=3, which="bottom")  # auto: dense for a small model
+    assert bottom.method == "dense" and torch.allclose(bottom.values, exact[:3], rtol=1e-10)
+
+
+def test_eigen_artifact_at_a_checkpoint_measures_that_checkpoints_parameters():
+    ctx = classifier_context(seed=9)
+    init = ctx.flat_params.clone()
+    trained = init + 0.3 * torch.randn(ctx.n_params, generator=torch.Generator().manual_seed(9), dtype=F64)
+    from basinprobe.runtime.context import CellContext
+
+    cell = CellContext(ctx.model, trained, ctx.data, cross_entropy, dtype=F64, trajectory={0: init, 10: trained},
+                       checkpoint=10)
+    X, y = ctx.data.split("train")
+    at_init = torch.linalg.eigvalsh(torch.func.hessian(lambda t: cross_entropy(cell.forward(t, X), y))(init))
+    result = cell.artifact("hessian.eigen", k=2, at=0, method="lanczos", tol=1e-10)
+    assert torch.allclose(result.values, at_init.flip(0)[:2], rtol=1e-8)
+    with pytest.raises(ValueError, match="no checkpoint at step 5"):
+        cell.artifact("hessian.eigen", k=2, at=5)
+
+
+def test_eigen_artifact_rejects_more_eigenpairs_than_parameters():
+    ctx = classifier_context()
+    with pytest.raises(ValueError, match="eigenpairs of a model with"):
+        ctx.artifact("hessian.eigen", k=ctx.n_params + 1)
+
+
+# --- volume ---------------------------------------------------------------------------------
+
+def test_unit_ball_volumes():
+    assert math.exp(log_unit_ball_volume(2)) == pytest.approx(math.pi)
+    assert math.exp(log_unit_ball_volume(3)) == pytest.approx(4 * math.pi / 3)
+
+
+def test_ray_radii_of_a_quadratic_are_where_half_u_lambda_u_r2_reaches_epsilon():
+    lam = torch.tensor([0.5, 2.0, 8.0], dtype=F64)
+    U = uniform_directions(50, 3, torch.Generator().manual_seed(10), F64, "cpu")
+
+    def losses(W):
+        return 0.5 * (W**2 * lam).sum(dim=1)
+
+    rays = ray_radii(losses, torch.zeros(3, dtype=F64), U, [0.01, 0.1], radius=10.0, base_loss=0.0)
+    curvature = (U**2 * lam).sum(dim=1)
+    for j, eps in enumerate([0.01, 0.1]):
+        assert torch.allclose(rays.radii[:, j], torch.sqrt(2 * eps / curvature), rtol=1e-8)  # r = √(2ε/uᵀΛu)
+    assert not rays.capped.any()
+
+
+def test_monte_carlo_log_volume_of_a_ball_is_exact():
+    log_v, stderr, ess = monte_carlo_log_volume(torch.full((20,), math.log(2.0), dtype=F64), 5)
+    assert log_v == pytest.approx(log_unit_ball_volume(5) + 5 * math.log(2.0))
+    assert stderr == 0.0 and ess == pytest.approx(20.0)
+    assert np.isfinite(monte_carlo_log_volume(torch.tensor([0.0, -3.0], dtype=F64), 100000)[0])
