@@ -1,0 +1,426 @@
+"""Batched Langevin chains on the localized tempered posterior, and the local learning coefficient.
+
+The target is the localized, tempered posterior around a parameter w*
+(Lau, Furman, Wang, Murfet & Wei 2023, "The local learning coefficient: a
+singularity-aware complexity measure", arXiv:2308.12108):
+
+    p(w) ∝ exp(−U(w)),    U(w) = nβ·L_n(w) + (γ/2)·‖w − w*‖²,
+
+with L_n the mean training loss, nβ the inverse temperature times the number of
+examples (default n/log n, Watanabe 2013, "A widely applicable Bayesian
+information criterion", JMLR 14) and γ the localization strength. Its local
+learning coefficient is estimated from the chains' draws as
+
+    λ̂ = nβ·(E_w[L_n(w)] − L_n(w*)),
+
+whose expectation is d/2 for a regular model with d parameters (the expected energy of a
+Gaussian), and ½·Σ_i nβh_i/(nβh_i + γ) for a quadratic loss with Hessian
+eigenvalues h_i.
+
+Samplers (step ε, standard normal ξ, per chain):
+
+``sgld`` (Welling & Teh 2011, ICML)
+    w ← w − (ε/2)·∇Û(w) + √ε·ξ, with Û the potential on a minibatch (or the full
+    data set: the unadjusted Langevin algorithm).
+``sgld_rmsprop`` (Li, Chen, Carlson & Carin 2016, AAAI, "preconditioned SGLD")
+    V ← αV + (1−α)·g², G = 1/(√(V/(1−α^t)) + δ), w ← w − (ε/2)·G·∇Û(w) + √(εG)·ξ, with g the
+    gradient of the minibatch loss, α = 0.99 and δ = 0.1 (devinterp's choices; δ
+    bounds G by 10 at a minimum where g ≈ 0). A preconditioner that keeps following
+    the chain makes it sample the wrong distribution (Li et al. drop the Γ term that
+    would fix it; we measured +10% on the LLC of linear regression), so, as in the
+    warm-up of adaptive MCMC, G adapts only during the first ``adapt_steps`` steps
+    (the burn-in) and is frozen afterwards: a constant G leaves p invariant.
+``mala`` (Roberts & Tweedie 1996, Bernoulli 2(4))
+    the full-batch Langevin proposal w' = w − (ε/2)·∇U(w) + √ε·ξ, accepted with
+    probability min(1, exp(U(w) − U(w') + ‖ξ‖²/2 − ‖w − w' + (ε/2)∇U(w')‖²/(2ε))),
+    so the chain targets p exactly at any step size.
+
+With full-batch gradients the same Metropolis–Hastings acceptance probability is
+computed for the unadjusted samplers too (with G frozen over the step): it
+measures the discretization error of a step, and :func:`calibrate_step_size`
+picks the largest step on a geometric grid whose chains stay finite and reach a
+target mean acceptance.
+
+All chains advance together: their parameters are one tensor of shape
+``(chains, d)``, gradients come from ``torch.func.vmap`` over ``grad_and_value``
+of ``functional_call``, each step is one fused update of that tensor, and every
+chain has its own noise and its own minibatch order, drawn from generators
+seeded by the caller. A chain whose loss or distance becomes NaN/inf, or whose
+excess energy nβ·(L_n(w) − L_n(w*)) exceeds 100·d (200 times the largest possible
+learning coefficient d/2), is flagged as diverged, parked at w* and left out of
+every estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import grad, grad_and_value, vmap
+
+SAMPLERS = ("sgld", "sgld_rmsprop", "mala")
+
+RMSPROP_ALPHA = 0.99
+RMSPROP_DELTA = 0.1
+
+# Chains × rows evaluated at once; larger data sets are processed in chunks of rows.
+CHAIN_ROWS_PER_CHUNK = 1 << 18
+
+# A chain is diverged once nβ·(L − L*) exceeds this many times d.
+DIVERGENCE_ENERGY_PER_PARAM = 100.0
+
+
+class LocalPosterior:
+    """U(w) = nβ·L_n(w) + (γ/2)·‖w − w*‖² for a batch of parameter vectors.
+
+    ``forward(flat, x)`` maps one flat parameter vector and a batch of inputs to
+    outputs and must work under ``torch.func`` transforms (``CellContext.forward``
+    does); ``loss_fn(outputs, targets)`` is a mean over the batch. Every method
+    takes parameters of shape ``(chains, d)``.
+    """
+
+    def __init__(self, forward: Callable, loss_fn: Callable, X: torch.Tensor, y: torch.Tensor,
+                 center: torch.Tensor, nbeta: float, localization: float):
+        self.X, self.y = X, y
+        self.center = center.detach().reshape(-1)
+        self.nbeta = float(nbeta)
+        self.localization = float(localization)
+        self.n = len(X)
+        self.d = self.center.numel()
+
+        def loss_of(flat, x, targets):
+            return loss_fn(forward(flat, x), targets)
+
+        self._loss_of = loss_of
+        self._shared_rows = vmap(grad_and_value(loss_of), in_dims=(0, None, None))
+        self._own_rows = vmap(grad_and_value(loss_of), in_dims=(0, 0, 0))
+        self._shared_rows_value = vmap(loss_of, in_dims=(0, None, None))
+        self.loss_at_center = float(self.loss(self.center[None])[0])
+
+    def _rows_per_chunk(self, chains: int) -> int:
+        return max(1, CHAIN_ROWS_PER_CHUNK // max(chains, 1))
+
+    def loss_and_grad(self, w: torch.Tensor, rows: torch.Tensor | None = None):
+        """Mean loss and its gradient per chain: on the full data set (``rows=None``)
+        or on each chain's own minibatch ``rows`` (indices, shape ``(chains, batch)``)."""
+        chunk = self._rows_per_chunk(len(w))
+        total = self.n if rows is None else rows.shape[1]
+        if total <= chunk:
+            if rows is None:
+                g, value = self._shared_rows(w, self.X, self.y)
+            else:
+                g, value = self._own_rows(w, self.X[rows], self.y[rows])
+            return value, g
+        loss = torch.zeros(len(w), dtype=w.dtype, device=w.device)
+        gradient = torch.zeros_like(w)
+        for start in range(0, total, chunk):
+            stop = min(start + chunk, total)
+            if rows is None:
+                g, value = self._shared_rows(w, self.X[start:stop], self.y[start:stop])
+            else:
+                idx = rows[:, start:stop]
+                g, value = self._own_rows(w, self.X[idx], self.y[idx])
+            # loss_fn is a mean over its batch, so chunks combine with weights len/total.
+            weight = (stop - start) / total
+            loss.add_(value, alpha=weight)
+            gradient.add_(g, alpha=weight)
+        return loss, gradient
+
+    @torch.no_grad()
+    def loss(self, w: torch.Tensor) -> torch.Tensor:
+        """Full-data mean loss per chain, shape ``(chains,)``."""
+        chunk = self._rows_per_chunk(len(w))
+        loss = torch.zeros(len(w), dtype=w.dtype, device=w.device)
+        for start in range(0, self.n, chunk):
+            stop = min(start + chunk, self.n)
+            loss.add_(self._shared_rows_value(w, self.X[start:stop], self.y[start:stop]), alpha=(stop - start) / self.n)
+        return loss
+
+    def potential(self, loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.nbeta * loss + 0.5 * self.localization * (w - self.center).square().sum(dim=1)
+
+    def potential_grad(self, loss_grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.nbeta * loss_grad + self.localization * (w - self.center)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """Hessian of the full-data loss at w* times ``v``.
+
+        Reverse-over-reverse: forward-over-reverse (``jvp`` of ``grad``) fails through
+        ``F.mse_loss`` in torch 2.13 ("ZeroTensors are immutable")."""
+        chunk = self._rows_per_chunk(1)
+        out = torch.zeros_like(v)
+        for start in range(0, self.n, chunk):
+            stop = min(start + chunk, self.n)
+            x, t = self.X[start:stop], self.y[start:stop]
+            hv = grad(lambda p: torch.dot(grad(self._loss_of)(p, x, t), v))(self.center)
+            out.add_(hv, alpha=(stop - start) / self.n)
+        return out
+
+    def grad_at_center(self) -> torch.Tensor:
+        return self.loss_and_grad(self.center[None])[1][0]
+
+
+def top_curvature(posterior: LocalPosterior, seed: int, iterations: int = 20) -> float:
+    """|largest-magnitude Hessian eigenvalue| of L_n at w*, by power iteration."""
+    g = torch.Generator(device=posterior.center.device).manual_seed(seed)
+    v = torch.randn(posterior.d, generator=g, device=posterior.center.device, dtype=posterior.center.dtype)
+    v /= v.norm()
+    estimate = 0.0
+    for _ in range(iterations):
+        hv = posterior.hvp(v)
+        estimate = float(v @ hv)
+        norm = hv.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            break
+        v = hv / norm
+    return abs(estimate)
+
+
+@dataclass
+class ChainTrace:
+    """What the chains recorded, on the CPU in float64; draw k is the state after (k+1)·thin steps.
+
+    Entries of a diverged chain from the draw it diverged at onwards are NaN
+    (missing): ``diverged_at`` gives that draw (−1 for a chain that did not).
+    """
+
+    loss: torch.Tensor              # (chains, draws) L_n(w), or its minibatch estimate (draw_loss="minibatch")
+    distance: torch.Tensor          # (chains, draws) ‖w − w*‖
+    grad_norm_sq: torch.Tensor      # (chains, draws) ‖∇U‖² (on the step's minibatch if not full batch)
+    acceptance: torch.Tensor | None  # (chains, draws) mean MH acceptance probability (full batch only)
+    diverged: torch.Tensor          # (chains,) bool
+    diverged_at: torch.Tensor       # (chains,) int
+    samples: torch.Tensor | None    # (chains, draws, d) when asked for
+    loss_at_center: float
+    step_size: torch.Tensor         # (chains,)
+    nbeta: float
+
+
+def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains: int, draws: int, thin: int = 1,
+           sampler: str = "sgld", batch_size: int | None = None, seed: int = 0,
+           progress=None, keep_samples: bool = False, init: torch.Tensor | None = None,
+           adapt_steps: int | None = None, draw_loss: str = "full") -> ChainTrace:
+    """Run ``chains`` Langevin chains from w* (or ``init``, shape ``(chains, d)``) for ``draws·thin`` steps.
+
+    ``step_size`` is one number or one per chain (shape ``(chains,)``). ``sgld_rmsprop``
+    adapts its preconditioner during the first ``adapt_steps`` steps (None: always).
+    ``batch_size=None`` (or ≥ n) uses full-batch gradients; ``mala`` requires it.
+    With minibatches, ``draw_loss="full"`` records L_n at each draw (a forward pass
+    over the training set per draw), ``"minibatch"`` the loss of the draw's last
+    minibatch at the state it was taken at: free, and unbiased for L_n there because
+    the minibatch is drawn independently of the state, but noisier.
+    Noise, minibatch order and acceptance draws come from generators on the
+    posterior's device seeded with ``seed``, ``seed + 1`` and ``seed + 2``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if draw_loss not in ("full", "minibatch"):
+        raise ValueError(f"draw_loss must be 'full' or 'minibatch', not {draw_loss!r}")
+    full = batch_size is None or batch_size >= posterior.n
+    if sampler == "mala" and not full:
+        raise ValueError("mala needs full-batch gradients (batch_size=None): a minibatch Metropolis test is biased")
+    center = posterior.center
+    device, dtype, d = center.device, center.dtype, posterior.d
+    eps = torch.as_tensor(step_size, dtype=dtype).to(device).expand(chains).reshape(chains, 1).clone()
+    neg_half_eps, sqrt_eps = -0.5 * eps, eps.sqrt()
+    nbeta, L_star = posterior.nbeta, posterior.loss_at_center
+    energy_bound = DIVERGENCE_ENERGY_PER_PARAM * max(d, 1)
+
+    noise_gen = torch.Generator(device=device).manual_seed(seed)
+    batch_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    accept_gen = torch.Generator(device=device).manual_seed(seed + 2)
+
+    w = (center.expand(chains, d) if init is None else init.to(device=device, dtype=dtype)).clone()
+    alive = torch.ones(chains, dtype=torch.bool, device=device)
+    diverged_at = torch.full((chains,), -1, dtype=torch.long, device=device)
+    nan = torch.tensor(float("nan"), dtype=dtype, device=device)
+    loss_trace = torch.empty(draws, chains, dtype=dtype, device=device)
+    dist_trace = torch.empty_like(loss_trace)
+    gsq_trace = torch.empty_like(loss_trace)
+    acc_trace = torch.empty_like(loss_trace) if full else None
+    samples = torch.empty(draws, chains, d, dtype=dtype, device=device) if keep_samples else None
+    acc_sum = torch.zeros(chains, dtype=dtype, device=device)
+    rmsprop = sampler == "sgld_rmsprop"
+    square_avg = torch.zeros_like(w) if rmsprop else None
+    precond = 1.0 / (square_avg.sqrt() + RMSPROP_DELTA) if rmsprop else None
+
+    if full:
+        loss, loss_grad = posterior.loss_and_grad(w)
+    order, position = None, 0
+    n_batches = 0 if full else posterior.n // batch_size
+    noise = torch.empty_like(w)
+    # Plain minibatch SGLD, w ← (1 − εγ/2)·w + (εγ/2)·w* − (εnβ/2)·∇L_B + √ε·ξ, in three fused passes.
+    plain = sampler == "sgld" and not full
+    if plain:
+        keep = 1 - 0.5 * eps * posterior.localization
+        pull = (0.5 * eps * posterior.localization) * center
+        push = -0.5 * eps * nbeta
+
+    for t in range(draws * thin):
+        xi = noise.normal_(generator=noise_gen)
+        record = (t + 1) % thin == 0
+        if not full:
+            if order is None or position == n_batches:
+                # A fresh permutation per chain and epoch: independent minibatch orders.
+                order = torch.rand(chains, posterior.n, generator=batch_gen, device=device).argsort(dim=1)
+                position = 0
+            rows = order[:, position * batch_size:(position + 1) * batch_size]
+            position += 1
+            loss, loss_grad = posterior.loss_and_grad(w, rows)
+        w_before = w
+        grad_U = None if plain else posterior.potential_grad(loss_grad, w)
+        if plain:
+            proposal = torch.addcmul(pull, keep, w).addcmul_(push, loss_grad).addcmul_(sqrt_eps, xi)
+        elif rmsprop:
+            if adapt_steps is None or t < adapt_steps:
+                square_avg.mul_(RMSPROP_ALPHA).addcmul_(loss_grad, loss_grad, value=1 - RMSPROP_ALPHA)
+                # Bias-corrected average (as in Adam): a zero start would inflate G early on.
+                unbiased = square_avg / (1 - RMSPROP_ALPHA ** (t + 1))
+                precond = 1.0 / (unbiased.sqrt() + RMSPROP_DELTA)
+            proposal = torch.addcmul(w, neg_half_eps * precond, grad_U).addcmul_((eps * precond).sqrt(), xi)
+        else:
+            proposal = torch.addcmul(w, neg_half_eps, grad_U).addcmul_(sqrt_eps, xi)
+
+        if full:
+            new_loss, new_grad = posterior.loss_and_grad(proposal)
+            new_grad_U = posterior.potential_grad(new_grad, proposal)
+            reverse_mean = torch.addcmul(proposal, neg_half_eps, new_grad_U if precond is None else precond * new_grad_U)
+            reverse_sq = (w - reverse_mean).square()
+            reverse_sq = reverse_sq if precond is None else reverse_sq / precond
+            log_alpha = (posterior.potential(loss, w) - posterior.potential(new_loss, proposal)
+                         - reverse_sq.sum(dim=1) / (2 * eps[:, 0]) + 0.5 * xi.square().sum(dim=1))
+            accept_prob = torch.nan_to_num(log_alpha.clamp(max=0.0).exp(), nan=0.0)
+            acc_sum += accept_prob
+            if sampler == "mala":
+                u = torch.rand(chains, generator=accept_gen, device=device, dtype=dtype)
+                accept = u < accept_prob
+                w = torch.where(accept[:, None], proposal, w)
+                loss = torch.where(accept, new_loss, loss)
+                loss_grad = torch.where(accept[:, None], new_grad, loss_grad)
+                grad_U = torch.where(accept[:, None], new_grad_U, grad_U)
+            else:
+                w, loss, loss_grad, grad_U = proposal, new_loss, new_grad, new_grad_U
+        else:
+            w = proposal
+
+        if record:
+            k = (t + 1) // thin - 1
+            if full or draw_loss == "full":
+                state, value = w, (loss if full else posterior.loss(w))
+            else:
+                state, value = w_before, loss
+            offset = state - center
+            distance = torch.linalg.vector_norm(offset, dim=1)
+            if grad_U is None:
+                # Plain SGLD skipped ∇U = nβ·∇L + γ·(w − w*) in its fused step; its state is w_before.
+                grad_U = torch.add(offset, loss_grad, alpha=nbeta / posterior.localization) \
+                    if posterior.localization else loss_grad
+                scale = posterior.localization if posterior.localization else nbeta
+            else:
+                scale = 1.0
+            bad = ~torch.isfinite(value) | ~torch.isfinite(distance) | (nbeta * (value - L_star) > energy_bound)
+            diverged_at = torch.where(bad & alive, k, diverged_at)
+            alive = alive & ~bad
+            loss_trace[k] = torch.where(alive, value, nan)
+            dist_trace[k] = torch.where(alive, distance, nan)
+            gsq_trace[k] = torch.where(alive, (scale * torch.linalg.vector_norm(grad_U, dim=1)).square(), nan)
+            if full:
+                acc_trace[k] = torch.where(alive, acc_sum / thin, nan)
+                acc_sum.zero_()
+            if bad.any():
+                # Park diverged chains at w* so they stay finite (they are never read again).
+                w = torch.where(alive[:, None], w, center)
+                if full:
+                    loss = torch.where(alive, loss, L_star)
+                    loss_grad = torch.where(alive[:, None], loss_grad, 0.0)
+                if rmsprop:
+                    square_avg = torch.where(alive[:, None], square_avg, 0.0)
+                    precond = torch.where(alive[:, None], precond, 1.0 / RMSPROP_DELTA)
+            if keep_samples:
+                samples[k] = torch.where(alive[:, None], state, nan)
+        if progress is not None:
+            progress.advance(1)
+
+    def out(x):
+        return None if x is None else x.transpose(0, 1).to(device="cpu", dtype=torch.float64)
+
+    diverged_at = diverged_at.cpu()
+    return ChainTrace(
+        loss=out(loss_trace), distance=out(dist_trace), grad_norm_sq=out(gsq_trace),
+        acceptance=out(acc_trace), diverged=diverged_at >= 0, diverged_at=diverged_at,
+        samples=out(samples), loss_at_center=L_star, step_size=eps[:, 0].cpu().double(), nbeta=nbeta,
+    )
+
+
+def llc_per_chain(trace: ChainTrace, burn_in: int) -> torch.Tensor:
+    """λ̂ of each chain, nβ·(mean of L_n over draws after burn-in − L_n(w*)); NaN for diverged chains."""
+    return trace.nbeta * (trace.loss[:, burn_in:].mean(dim=1) - trace.loss_at_center)
+
+
+@dataclass
+class Calibration:
+    """A step-size search: the grid (largest first) and what short chains measured at each step."""
+
+    step_size: float | None         # the chosen step, None if no grid step qualified
+    grid: list[float]
+    acceptance: list[float]         # mean MH acceptance probability of the surviving chains (0 if none)
+    llc: list[float]                # λ̂ of the short surviving chains (NaN if none survived)
+    diverged_fraction: list[float]
+    top_curvature: float            # |largest Hessian eigenvalue| of L_n at w*, the grid's anchor
+    target_acceptance: float
+
+
+def calibration_grid(posterior: LocalPosterior, top_eigenvalue: float, size: int = 16) -> list[float]:
+    """ε_k = 2^(1−k) / (nβ·h_max + γ), k = 0..size−1: from half the step at which the
+    Gaussian approximation's stiffest direction turns unstable (4/p_max), halving."""
+    stiffest = posterior.nbeta * top_eigenvalue + posterior.localization
+    if not math.isfinite(stiffest) or stiffest <= 0:
+        stiffest = 1.0
+    return [2.0 ** (1 - k) / stiffest for k in range(size)]
+
+
+def calibrate_step_size(posterior: LocalPosterior, *, sampler: str, chains: int, seed: int,
+                        target_acceptance: float, steps: int = 64, grid_size: int = 16,
+                        progress=None) -> Calibration:
+    """The largest step at which full-batch chains stay finite and the mean
+    Metropolis–Hastings acceptance probability of their steps (second half of
+    ``steps``) reaches ``target_acceptance``: the largest such step of a geometric
+    grid, moved toward the next larger grid step by interpolating log(1 − acceptance)
+    linearly in log ε when that step kept its chains finite.
+
+    The acceptance probability measures how far one Langevin step is from exact,
+    so the estimate stops depending on the step once it is high. All grid steps
+    run as one batch of ``chains × grid_size`` chains, each with its own step.
+    Short chains cannot judge mixing; the caller checks that on the full run.
+    """
+    h_max = top_curvature(posterior, seed=seed + 7)
+    grid = calibration_grid(posterior, h_max, grid_size)
+    steps_per_chain = torch.tensor(grid, dtype=torch.float64).repeat_interleave(chains)
+    half = steps // 2
+    trace = sample(posterior, step_size=steps_per_chain, chains=len(steps_per_chain), draws=steps,
+                   sampler=sampler, batch_size=None, seed=seed, progress=progress, adapt_steps=half)
+    llc = llc_per_chain(trace, half).reshape(grid_size, chains)
+    accepted = trace.acceptance[:, half:].mean(dim=1).reshape(grid_size, chains)
+    diverged = trace.diverged.reshape(grid_size, chains)
+    acceptance, llcs, fractions = [], [], []
+    for acc, lam, div in zip(accepted, llc, diverged):
+        alive = ~div
+        acceptance.append(float(acc[alive].mean()) if alive.any() else 0.0)
+        llcs.append(float(lam[alive].mean()) if alive.any() else float("nan"))
+        fractions.append(float(div.double().mean()))
+    good = [k for k in range(grid_size) if fractions[k] == 0 and acceptance[k] >= target_acceptance]
+    chosen = None
+    if good:
+        k = good[0]
+        chosen = grid[k]
+        if k > 0 and fractions[k - 1] == 0 and acceptance[k] < 1:
+            # Between grid points 1 − acceptance grows like a power of ε (ε^1.5 for MALA on a
+            # Gaussian): interpolate log(1 − a) in log ε to the target instead of settling for
+            # the grid point, which can be up to a factor 2 smaller than needed.
+            lo, hi = math.log(1 - acceptance[k]), math.log(1 - acceptance[k - 1])
+            if hi > lo:
+                t = (math.log(1 - target_acceptance) - lo) / (hi - lo)
+                chosen = grid[k] * (grid[k - 1] / grid[k]) ** min(max(t, 0.0), 1.0)
+    return Calibration(chosen, grid, acceptance, llcs, fractions, h_max, target_acceptance)
