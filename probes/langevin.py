@@ -9,7 +9,9 @@ p(w) ∝ exp(−nβ·L_n(w) − (γ/2)·‖w − w*‖²) and the probe reports
 (Lau et al. 2023, arXiv:2308.12108), with its standard error across independent
 chains, the loss and distance traces, and R-hat / ESS of the loss. The numerics
 live in :mod:`basinprobe.runtime.substrate.sgld` and
-:mod:`basinprobe.runtime.substrate.diagnostics`.
+:mod:`basinprobe.runtime.substrate.diagnostics`. With ``execution: {batch_cells: true}``
+the cells of a sweep that share architecture and data are sampled together
+(:meth:`Langevin.run_batched`); ``execution: {compile: true}`` compiles the SGLD step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import xarray as xr
 
 from basinprobe.registry import Probe, ProbeError
@@ -45,6 +48,7 @@ def _positive_or_auto(description: str) -> dict:
 
 class Langevin(Probe):
     name = "langevin"
+    batched = True      # run_batched: the chains of several cells (e.g. seeds) advance together
     description = "local learning coefficient from batched SGLD chains; loss and distance traces, R-hat, ESS"
     schema = {
         "type": "object",
@@ -87,7 +91,18 @@ class Langevin(Probe):
         return 3.0 * params.get("chains", 8) * steps * batch
 
     def run(self, ctx, params):
-        X, y = ctx.data.X_train, ctx.data.y_train
+        return self.run_batched([ctx], params)[0]
+
+    def run_batched(self, ctxs, params):
+        """Cells that share the model's architecture and the data (e.g. several training
+        seeds): the chains of all cells advance together, each cell's chains pulled to its
+        own w* and driven by noise from its own ``ctx.seed``, so every cell gets what
+        :meth:`run` gives it alone (up to floating-point reassociation in the batched
+        gradient)."""
+        if len(ctxs) > 1 and not _share_model_and_data(ctxs):
+            return [self.run(ctx, params) for ctx in ctxs]
+        first = ctxs[0]
+        X, y = first.data.X_train, first.data.y_train
         n = len(X)
         chains, draws, thin = params["chains"], params["draws"], params["thin"]
         burn_in = draws // 4 if params["burn_in"] == AUTO else params["burn_in"]
@@ -100,127 +115,179 @@ class Langevin(Probe):
         gamma = float(params["localization"])
         target = TARGET_ACCEPTANCE[sampler] if params["target_acceptance"] == AUTO else params["target_acceptance"]
 
-        posterior = sgld.LocalPosterior(ctx.forward, ctx.loss_fn, X, y, ctx.flat_params, nbeta, gamma)
-        loss_star = posterior.loss_at_center
-        if not math.isfinite(loss_star):
-            raise ProbeError(f"the training loss at w* is {loss_star}; the LLC needs a finite loss at the checkpoint")
-        grad_norm = float(posterior.grad_at_center().norm())
+        centers = torch.stack([ctx.flat_params for ctx in ctxs])
+        posterior = sgld.LocalPosterior(first.forward, first.loss_fn, X, y, centers, nbeta, gamma,
+                                        compile=bool(first.compile))
+        loss_stars = posterior.losses_at_centers.tolist()
+        for loss_star in loss_stars:
+            if not math.isfinite(loss_star):
+                raise ProbeError(f"the training loss at w* is {loss_star}; the LLC needs a finite loss at the "
+                                 "checkpoint")
+        grad_norms = posterior.grad_at_centers().norm(dim=1).tolist()
 
-        data_vars, attrs = {}, {}
+        calibrations = [None] * len(ctxs)
         if params["step_size"] == AUTO:
-            with ctx.progress(CALIBRATION_STEPS, "langevin: step-size calibration") as bar:
-                calibration = sgld.calibrate_step_size(
-                    posterior, sampler=sampler, chains=CALIBRATION_CHAINS, seed=ctx.seed + 1000,
+            with first.progress(CALIBRATION_STEPS, "langevin: step-size calibration") as bar:
+                calibrations = sgld.calibrate_step_sizes(
+                    posterior, sampler=sampler, chains=CALIBRATION_CHAINS, seeds=[ctx.seed + 1000 for ctx in ctxs],
                     target_acceptance=target, steps=CALIBRATION_STEPS, grid_size=CALIBRATION_GRID, progress=bar)
-            if calibration.step_size is None:
-                best = int(np.argmax(calibration.acceptance))
-                raise ProbeError(
-                    f"step_size: auto found no step in [{calibration.grid[-1]:.3g}, {calibration.grid[0]:.3g}] whose "
-                    f"chains stay finite with mean acceptance >= {target} (best {calibration.acceptance[best]:.3f} at "
-                    f"{calibration.grid[best]:.3g}); set step_size to a number or lower target_acceptance")
-            step_size = calibration.step_size
-            data_vars.update(_calibration_vars(calibration))
+            for calibration in calibrations:
+                if calibration.step_size is None:
+                    best = int(np.argmax(calibration.acceptance))
+                    raise ProbeError(
+                        f"step_size: auto found no step in [{calibration.grid[-1]:.3g}, {calibration.grid[0]:.3g}] "
+                        f"whose chains stay finite with mean acceptance >= {target} (best "
+                        f"{calibration.acceptance[best]:.3f} at {calibration.grid[best]:.3g}); set step_size to a "
+                        "number or lower target_acceptance")
+            step_sizes = [calibration.step_size for calibration in calibrations]
         else:
-            step_size = float(params["step_size"])
+            step_sizes = [float(params["step_size"])] * len(ctxs)
 
-        with ctx.progress(draws * thin, f"langevin: {chains} chains x {draws * thin} steps") as bar:
-            trace = sgld.sample(posterior, step_size=step_size, chains=chains, draws=draws, thin=thin,
-                                sampler=sampler, batch_size=batch_size, seed=ctx.seed, progress=bar,
-                                adapt_steps=burn_in * thin, draw_loss=params["draw_loss"])
+        cells = f"{len(ctxs)} cells x " if len(ctxs) > 1 else ""
+        with first.progress(draws * thin, f"langevin: {cells}{chains} chains x {draws * thin} steps") as bar:
+            trace = sgld.sample(posterior, step_size=torch.tensor(step_sizes, dtype=torch.float64), chains=chains,
+                                draws=draws, thin=thin, sampler=sampler, batch_size=batch_size,
+                                seed=[ctx.seed for ctx in ctxs], progress=bar, adapt_steps=burn_in * thin,
+                                draw_loss=params["draw_loss"])
+        settings = dict(params=params, n=n, burn_in=burn_in, batch_size=batch_size, nbeta=nbeta, gamma=gamma,
+                        target=target)
+        results = [_cell_result(trace.cell(i, chains), step_sizes[i], calibrations[i], loss_stars[i], grad_norms[i],
+                                **settings) for i in range(len(ctxs))]
+        for ctx, (_, messages) in zip(ctxs, results):
+            for message in messages:
+                ctx.warn(message)
+        return [ds for ds, _ in results]
 
-        alive = ~trace.diverged
-        n_alive = int(alive.sum())
-        if n_alive == 0:
-            raise ProbeError(
-                f"all {chains} chains diverged at step_size {step_size:.3g} (loss became NaN/inf or nβ·(L − L*) "
-                f"exceeded {sgld.DIVERGENCE_ENERGY_PER_PARAM:g}·d); use a smaller step_size, e.g. "
-                f"{step_size / 10:.3g}, or step_size: auto")
-        if n_alive < chains:
-            ctx.warn(f"{chains - n_alive} of {chains} chains diverged at step_size {step_size:.3g} and are left out of "
-                     f"llc (see diverged); a smaller step_size avoids this")
-        if n_alive < 2 and chains >= 2:
-            ctx.warn("only one chain survived; llc_stderr comes from its effective sample size, not across chains")
 
-        llc_chain = sgld.llc_per_chain(trace, burn_in)
-        kept = trace.loss[alive][:, burn_in:].numpy()
-        llc = float(llc_chain[alive].mean())
-        rhat = split_rhat(kept)
-        ess = effective_sample_size(kept)
-        if not (math.isfinite(rhat) and math.isfinite(ess)):
-            raise ProbeError(f"the loss did not change along the chains at step_size {step_size:.3g}; "
-                             "use a larger step_size or step_size: auto")
-        if n_alive >= 2:
-            llc_stderr = float(llc_chain[alive].std(unbiased=True)) / math.sqrt(n_alive)
-        else:
-            # One chain: Monte Carlo standard error of its mean, nβ·sd/√ESS.
-            llc_stderr = nbeta * float(np.std(kept, ddof=1)) / math.sqrt(effective_sample_size(kept, rank_normalize=False))
-        if not (math.isfinite(llc) and math.isfinite(llc_stderr)):
-            raise ProbeError(f"the LLC estimate is not finite ({llc}, stderr {llc_stderr}); use a smaller step_size")
+def _share_model_and_data(ctxs) -> bool:
+    """Whether the cells can be sampled with one functional model: same parameter layout,
+    buffers, data, loss, device and dtype (the runtime groups cells this way already)."""
+    first = ctxs[0]
+    for ctx in ctxs[1:]:
+        if (ctx.param_names != first.param_names or ctx.param_shapes != first.param_shapes
+                or ctx.device != first.device or ctx.dtype != first.dtype or ctx.loss_fn is not first.loss_fn
+                or type(ctx.model) is not type(first.model)):
+            return False
+        if ctx.buffers.keys() != first.buffers.keys() or not all(
+                torch.equal(ctx.buffers[k], first.buffers[k]) for k in first.buffers):
+            return False
+        if ctx.data is not first.data and not (torch.equal(ctx.data.X_train, first.data.X_train)
+                                               and torch.equal(ctx.data.y_train, first.data.y_train)):
+            return False
+    return True
 
-        if rhat > RHAT_WARNING:
-            ctx.warn(f"R-hat of the loss is {rhat:.3f} > {RHAT_WARNING}: the chains have not mixed; "
-                     "increase draws (or burn_in), or the step_size")
-        # At stationarity E‖∇U‖² = E[ΔU]; a gradient at w* above that thermal scale means w* is
-        # not at the bottom of its basin at this temperature.
-        thermal = float(trace.grad_norm_sq[alive][:, burn_in:].mean())
-        if nbeta**2 * grad_norm**2 > thermal or llc < 0:
-            ctx.warn(f"w* looks far from a local minimum (gradient norm {grad_norm:.3g}, llc {llc:.3g}); the LLC "
-                     "assumes a local minimum: train longer or probe a later checkpoint")
 
-        loss_kind = ("full training set" if batch_size is None or params["draw_loss"] == "full"
-                     else "loss of the draw's last minibatch, an unbiased estimate")
-        chain = np.arange(chains)
-        draw = np.arange(draws)
-        loss_trace = trace.loss.numpy()
-        data_vars.update({
-            "llc": xr.DataArray(llc, attrs={"description": "local learning coefficient nβ·(E[L_n(w)] − L_n(w*)), "
-                                                           "mean over the chains that did not diverge"}),
-            "llc_stderr": xr.DataArray(llc_stderr, attrs={"description": "standard error of llc across independent "
-                                                                         "chains (std/√chains)"}),
-            "llc_chain": xr.DataArray(llc_chain.numpy(), dims=("chain",), attrs={
-                "description": "llc of each chain from its draws after burn-in", "nan_means": DIVERGED}),
-            "loss_trace": xr.DataArray(loss_trace, dims=("chain", "draw"), attrs={
-                "description": f"training loss L_n(w) at each draw ({loss_kind}), burn-in included",
-                "units": "loss", "burn_in": burn_in, "thin": thin, "nan_means": DIVERGED_AT}),
-            "distance_trace": xr.DataArray(trace.distance.numpy(), dims=("chain", "draw"), attrs={
-                "description": "Euclidean distance ‖w − w*‖ at each draw: how far the chain diffuses from w*",
-                "units": "parameter norm", "burn_in": burn_in, "thin": thin, "nan_means": DIVERGED_AT}),
-            "rhat": xr.DataArray(rhat, attrs={"description": "rank-normalized split R-hat of the loss after burn-in "
-                                                             "(Vehtari et al. 2021), chains that did not diverge"}),
-            "ess": xr.DataArray(ess, attrs={"description": "bulk effective sample size of the loss after burn-in, "
-                                                           "all chains that did not diverge together"}),
-            "step_size": xr.DataArray(step_size, attrs={"description": "SGLD step ε used"}),
-            "nbeta": xr.DataArray(nbeta, attrs={"description": "inverse temperature times n used"}),
-            "loss_at_wstar": xr.DataArray(loss_star, attrs={"description": "L_n(w*) on the full training set",
-                                                            "units": "loss"}),
-            "grad_norm_at_wstar": xr.DataArray(grad_norm, attrs={"description": "‖∇L_n(w*)‖ on the full training "
-                                                                                "set"}),
-            "diverged": xr.DataArray(trace.diverged.numpy(), dims=("chain",), attrs={
-                "description": "chain stopped because its loss became NaN/inf or nβ·(L − L*) exceeded "
-                               f"{sgld.DIVERGENCE_ENERGY_PER_PARAM:g}·d; excluded from every estimate"}),
-        })
-        if trace.acceptance is not None:
-            acceptance = trace.acceptance[:, burn_in:].mean(dim=1).numpy()
-            what = ("fraction of proposals accepted" if sampler == "mala" else
-                    "Metropolis-Hastings acceptance probability of the unadjusted steps (a step-size diagnostic)")
-            data_vars["acceptance"] = xr.DataArray(acceptance, dims=("chain",), attrs={
-                "description": f"mean {what} after burn-in", "nan_means": DIVERGED})
-        attrs.update({
-            "sampler": sampler,
-            "burn_in": burn_in,
-            "thin": thin,
-            "localization": gamma,
-            "batch_size": "full" if batch_size is None else batch_size,
-            "draw_loss": "full" if batch_size is None else params["draw_loss"],
-            "n_train": n,
-            "step_size_method": "auto" if params["step_size"] == AUTO else "given",
-            "target_acceptance": float(target),
-            "grad_norm_at_wstar": grad_norm,
-        })
-        coords = {"chain": chain, "draw": draw}
-        if "calibration_step_size" in data_vars:
-            coords["calibration"] = np.arange(CALIBRATION_GRID)
-        return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+def _cell_result(trace, step_size, calibration, loss_star, grad_norm, *, params, n, burn_in, batch_size,
+                 nbeta, gamma, target) -> tuple[xr.Dataset, list[str]]:
+    """One cell's Dataset from its chains, and the warnings it raises (the caller emits them
+    once every cell of a batch has succeeded, so a batch that fails and is rerun cell by cell
+    does not warn twice)."""
+    chains, draws, thin = params["chains"], params["draws"], params["thin"]
+    sampler = params["sampler"]
+    data_vars, attrs, messages = {}, {}, []
+    if calibration is not None:
+        data_vars.update(_calibration_vars(calibration))
+    alive = ~trace.diverged
+    n_alive = int(alive.sum())
+    if n_alive == 0:
+        raise ProbeError(
+            f"all {chains} chains diverged at step_size {step_size:.3g} (loss became NaN/inf or nβ·(L − L*) "
+            f"exceeded {sgld.DIVERGENCE_ENERGY_PER_PARAM:g}·d); use a smaller step_size, e.g. "
+            f"{step_size / 10:.3g}, or step_size: auto")
+    if n_alive < chains:
+        messages.append(f"{chains - n_alive} of {chains} chains diverged at step_size {step_size:.3g} and are left out "
+                        "of llc (see diverged); a smaller step_size avoids this")
+    if n_alive < 2 and chains >= 2:
+        messages.append("only one chain survived; llc_stderr comes from its effective sample size, not across chains")
+
+    llc_chain = sgld.llc_per_chain(trace, burn_in)
+    kept = trace.loss[alive][:, burn_in:].numpy()
+    llc = float(llc_chain[alive].mean())
+    rhat = split_rhat(kept)
+    ess = effective_sample_size(kept)
+    if not (math.isfinite(rhat) and math.isfinite(ess)):
+        raise ProbeError(f"the loss did not change along the chains at step_size {step_size:.3g}; "
+                         "use a larger step_size or step_size: auto")
+    if n_alive >= 2:
+        llc_stderr = float(llc_chain[alive].std(unbiased=True)) / math.sqrt(n_alive)
+    else:
+        # One chain: Monte Carlo standard error of its mean, nβ·sd/√ESS.
+        llc_stderr = nbeta * float(np.std(kept, ddof=1)) / math.sqrt(effective_sample_size(kept, rank_normalize=False))
+    if not (math.isfinite(llc) and math.isfinite(llc_stderr)):
+        raise ProbeError(f"the LLC estimate is not finite ({llc}, stderr {llc_stderr}); use a smaller step_size")
+
+    if rhat > RHAT_WARNING:
+        messages.append(f"R-hat of the loss is {rhat:.3f} > {RHAT_WARNING}: the chains have not mixed; "
+                        "increase draws (or burn_in), or the step_size")
+    # At stationarity E‖∇U‖² = E[ΔU]; a gradient at w* above that thermal scale means w* is
+    # not at the bottom of its basin at this temperature.
+    thermal = float(trace.grad_norm_sq[alive][:, burn_in:].mean())
+    if nbeta**2 * grad_norm**2 > thermal or llc < 0:
+        messages.append(f"w* looks far from a local minimum (gradient norm {grad_norm:.3g}, llc {llc:.3g}); the LLC "
+                        "assumes a local minimum: train longer or probe a later checkpoint")
+
+    loss_kind = ("full training set" if batch_size is None or params["draw_loss"] == "full"
+                 else "loss of the draw's last minibatch, an unbiased estimate")
+    chain = np.arange(chains)
+    draw = np.arange(draws)
+    loss_trace = trace.loss.numpy()
+    data_vars.update({
+        "llc": xr.DataArray(llc, attrs={"description": "local learning coefficient nβ·(E[L_n(w)] − L_n(w*)), "
+                                                       "mean over the chains that did not diverge"}),
+        "llc_stderr": xr.DataArray(llc_stderr, attrs={"description": "standard error of llc across independent "
+                                                                     "chains (std/√chains)"}),
+        "llc_chain": xr.DataArray(llc_chain.numpy(), dims=("chain",), attrs={
+            "description": "llc of each chain from its draws after burn-in", "nan_means": DIVERGED}),
+        "loss_trace": xr.DataArray(loss_trace, dims=("chain", "draw"), attrs={
+            "description": f"training loss L_n(w) at each draw ({loss_kind}), burn-in included",
+            "units": "loss", "burn_in": burn_in, "thin": thin, "nan_means": DIVERGED_AT}),
+        "distance_trace": xr.DataArray(trace.distance.numpy(), dims=("chain", "draw"), attrs={
+            "description": "Euclidean distance ‖w − w*‖ at each draw: how far the chain diffuses from w*",
+            "units": "parameter norm", "burn_in": burn_in, "thin": thin, "nan_means": DIVERGED_AT}),
+        "rhat": xr.DataArray(rhat, attrs={"description": "rank-normalized split R-hat of the loss after burn-in "
+                                                         "(Vehtari et al. 2021), chains that did not diverge"}),
+        "ess": xr.DataArray(ess, attrs={"description": "bulk effective sample size of the loss after burn-in, "
+                                                       "all chains that did not diverge together"}),
+        "step_size": xr.DataArray(step_size, attrs={"description": "SGLD step ε used"}),
+        "nbeta": xr.DataArray(nbeta, attrs={"description": "inverse temperature times n used"}),
+        "loss_at_wstar": xr.DataArray(loss_star, attrs={"description": "L_n(w*) on the full training set",
+                                                        "units": "loss"}),
+        "grad_norm_at_wstar": xr.DataArray(grad_norm, attrs={"description": "‖∇L_n(w*)‖ on the full training "
+                                                                            "set"}),
+        "diverged": xr.DataArray(trace.diverged.numpy(), dims=("chain",), attrs={
+            "description": "chain stopped because its loss became NaN/inf or nβ·(L − L*) exceeded "
+                           f"{sgld.DIVERGENCE_ENERGY_PER_PARAM:g}·d; excluded from every estimate"}),
+    })
+    if trace.acceptance is not None:
+        acceptance = trace.acceptance[:, burn_in:].mean(dim=1).numpy()
+        what = ("fraction of proposals accepted" if sampler == "mala" else
+                "Metropolis-Hastings acceptance probability of the unadjusted steps (a step-size diagnostic)")
+        data_vars["acceptance"] = xr.DataArray(acceptance, dims=("chain",), attrs={
+            "description": f"mean {what} after burn-in", "nan_means": DIVERGED})
+    attrs.update({
+        "sampler": sampler,
+        "burn_in": burn_in,
+        "thin": thin,
+        "localization": gamma,
+        "batch_size": "full" if batch_size is None else batch_size,
+        "draw_loss": "full" if batch_size is None else params["draw_loss"],
+        "n_train": n,
+        "step_size_method": "auto" if params["step_size"] == AUTO else "given",
+        "nbeta_method": "n/log n" if params["nbeta"] == AUTO else "given",
+        "target_acceptance": float(target),
+        "grad_norm_at_wstar": grad_norm,
+    })
+    if calibration is not None:
+        attrs["calibration"] = (
+            f"geometric grid eps_k = 2^(1-k)/(nbeta*h_max + gamma), k = 0..{CALIBRATION_GRID - 1} (h_max: top Hessian "
+            f"eigenvalue at w*, power iteration); {CALIBRATION_CHAINS} full-batch chains x {CALIBRATION_STEPS} steps "
+            f"per grid step, all batched; chosen: the largest step with no divergence and mean Metropolis-Hastings "
+            f"acceptance >= {float(target)} over the second half, interpolated in log(1 - acceptance) vs log eps "
+            "toward the next larger grid step (see calibration_* variables)")
+    coords = {"chain": chain, "draw": draw}
+    if "calibration_step_size" in data_vars:
+        coords["calibration"] = np.arange(CALIBRATION_GRID)
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs), messages
 
 
 def _check(params, n: int, burn_in: int, batch_size: int | None) -> None:

@@ -45,7 +45,11 @@ All chains advance together: their parameters are one tensor of shape
 ``(chains, d)``, gradients come from ``torch.func.vmap`` over ``grad_and_value``
 of ``functional_call``, each step is one fused update of that tensor, and every
 chain has its own noise and its own minibatch order, drawn from generators
-seeded by the caller. A chain whose loss or distance becomes NaN/inf, or whose
+seeded by the caller. Several cells that share a model and a data set but not
+their w* (e.g. several training seeds) are sampled together the same way: the
+posterior holds one centre per cell, each chain is pulled toward its cell's
+centre, and each cell's chains draw from that cell's own generators, so a cell
+gets the same chains whether it is sampled alone or with others. A chain whose loss or distance becomes NaN/inf, or whose
 excess energy nβ·(L_n(w) − L_n(w*)) exceeds 100·d (200 times the largest possible
 learning coefficient d/2), is flagged as diverged, parked at w* and left out of
 every estimate.
@@ -55,10 +59,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.func import grad, grad_and_value, vmap
+
+from basinprobe.runtime.substrate.compiled import maybe_compile
 
 SAMPLERS = ("sgld", "sgld_rmsprop", "mala")
 
@@ -78,50 +84,73 @@ class LocalPosterior:
     ``forward(flat, x)`` maps one flat parameter vector and a batch of inputs to
     outputs and must work under ``torch.func`` transforms (``CellContext.forward``
     does); ``loss_fn(outputs, targets)`` is a mean over the batch. Every method
-    takes parameters of shape ``(chains, d)``.
+    takes parameters of shape ``(chains, d)``. ``center`` is one w* of shape
+    ``(d,)``, or one per cell, ``(cells, d)``, for cells that share the model and
+    the data. ``compile=True`` wraps the per-step vmapped gradient in
+    ``torch.compile`` (:func:`~basinprobe.runtime.substrate.compiled.maybe_compile`).
     """
 
     def __init__(self, forward: Callable, loss_fn: Callable, X: torch.Tensor, y: torch.Tensor,
-                 center: torch.Tensor, nbeta: float, localization: float):
+                 center: torch.Tensor, nbeta: float, localization: float, compile: bool = False):
         self.X, self.y = X, y
-        self.center = center.detach().reshape(-1)
+        center = center.detach()
+        self.centers = center.reshape(-1, center.shape[-1])
+        self.cells, self.d = self.centers.shape
         self.nbeta = float(nbeta)
         self.localization = float(localization)
         self.n = len(X)
-        self.d = self.center.numel()
 
         def loss_of(flat, x, targets):
             return loss_fn(forward(flat, x), targets)
 
         self._loss_of = loss_of
-        self._shared_rows = vmap(grad_and_value(loss_of), in_dims=(0, None, None))
-        self._own_rows = vmap(grad_and_value(loss_of), in_dims=(0, 0, 0))
+        # The vmapped gradient is the whole cost of a step; the update around it is a few fused
+        # elementwise passes. Only the sampling loop uses the compiled version (one-off calls
+        # such as the gradient at w* would pay for a compilation they do not amortize).
+        self._eager = (vmap(grad_and_value(loss_of), in_dims=(0, None, None)),
+                       vmap(grad_and_value(loss_of), in_dims=(0, 0, 0)))
+        self._compiled = tuple(maybe_compile(fn, compile, "sgld step") for fn in self._eager)
         self._shared_rows_value = vmap(loss_of, in_dims=(0, None, None))
-        self.loss_at_center = float(self.loss(self.center[None])[0])
+        self.losses_at_centers = self.loss(self.centers)
+
+    @property
+    def center(self) -> torch.Tensor:
+        """w* of a single-cell posterior, shape ``(d,)``."""
+        if self.cells != 1:
+            raise ValueError(f"this posterior has {self.cells} centres; use centers")
+        return self.centers[0]
+
+    @property
+    def loss_at_center(self) -> float:
+        """L_n(w*) of a single-cell posterior."""
+        self.center  # noqa: B018 - raises for several cells
+        return float(self.losses_at_centers[0])
 
     def _rows_per_chunk(self, chains: int) -> int:
         return max(1, CHAIN_ROWS_PER_CHUNK // max(chains, 1))
 
-    def loss_and_grad(self, w: torch.Tensor, rows: torch.Tensor | None = None):
+    def loss_and_grad(self, w: torch.Tensor, rows: torch.Tensor | None = None, compiled: bool = True):
         """Mean loss and its gradient per chain: on the full data set (``rows=None``)
-        or on each chain's own minibatch ``rows`` (indices, shape ``(chains, batch)``)."""
+        or on each chain's own minibatch ``rows`` (indices, shape ``(chains, batch)``).
+        ``compiled=False`` uses the eager functions even when the posterior compiles."""
+        shared_rows, own_rows = self._compiled if compiled else self._eager
         chunk = self._rows_per_chunk(len(w))
         total = self.n if rows is None else rows.shape[1]
         if total <= chunk:
             if rows is None:
-                g, value = self._shared_rows(w, self.X, self.y)
+                g, value = shared_rows(w, self.X, self.y)
             else:
-                g, value = self._own_rows(w, self.X[rows], self.y[rows])
+                g, value = own_rows(w, self.X[rows], self.y[rows])
             return value, g
         loss = torch.zeros(len(w), dtype=w.dtype, device=w.device)
         gradient = torch.zeros_like(w)
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
             if rows is None:
-                g, value = self._shared_rows(w, self.X[start:stop], self.y[start:stop])
+                g, value = shared_rows(w, self.X[start:stop], self.y[start:stop])
             else:
                 idx = rows[:, start:stop]
-                g, value = self._own_rows(w, self.X[idx], self.y[idx])
+                g, value = own_rows(w, self.X[idx], self.y[idx])
             # loss_fn is a mean over its batch, so chunks combine with weights len/total.
             weight = (stop - start) / total
             loss.add_(value, alpha=weight)
@@ -138,14 +167,15 @@ class LocalPosterior:
             loss.add_(self._shared_rows_value(w, self.X[start:stop], self.y[start:stop]), alpha=(stop - start) / self.n)
         return loss
 
-    def potential(self, loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.nbeta * loss + 0.5 * self.localization * (w - self.center).square().sum(dim=1)
+    def potential(self, loss: torch.Tensor, w: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """U per chain from its loss; ``anchor`` holds each chain's w*, shape ``(chains, d)``."""
+        return self.nbeta * loss + 0.5 * self.localization * (w - anchor).square().sum(dim=1)
 
-    def potential_grad(self, loss_grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.nbeta * loss_grad + self.localization * (w - self.center)
+    def potential_grad(self, loss_grad: torch.Tensor, w: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return self.nbeta * loss_grad + self.localization * (w - anchor)
 
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """Hessian of the full-data loss at w* times ``v``.
+    def hvp(self, v: torch.Tensor, cell: int = 0) -> torch.Tensor:
+        """Hessian of the full-data loss at the ``cell``-th w* times ``v``.
 
         Reverse-over-reverse: forward-over-reverse (``jvp`` of ``grad``) fails through
         ``F.mse_loss`` in torch 2.13 ("ZeroTensors are immutable")."""
@@ -154,22 +184,24 @@ class LocalPosterior:
         for start in range(0, self.n, chunk):
             stop = min(start + chunk, self.n)
             x, t = self.X[start:stop], self.y[start:stop]
-            hv = grad(lambda p: torch.dot(grad(self._loss_of)(p, x, t), v))(self.center)
+            hv = grad(lambda p: torch.dot(grad(self._loss_of)(p, x, t), v))(self.centers[cell])
             out.add_(hv, alpha=(stop - start) / self.n)
         return out
 
-    def grad_at_center(self) -> torch.Tensor:
-        return self.loss_and_grad(self.center[None])[1][0]
+    def grad_at_centers(self) -> torch.Tensor:
+        """∇L_n at every w*, shape ``(cells, d)``."""
+        return self.loss_and_grad(self.centers, compiled=False)[1]
 
 
-def top_curvature(posterior: LocalPosterior, seed: int, iterations: int = 20) -> float:
-    """|largest-magnitude Hessian eigenvalue| of L_n at w*, by power iteration."""
-    g = torch.Generator(device=posterior.center.device).manual_seed(seed)
-    v = torch.randn(posterior.d, generator=g, device=posterior.center.device, dtype=posterior.center.dtype)
+def top_curvature(posterior: LocalPosterior, seed: int, iterations: int = 20, cell: int = 0) -> float:
+    """|largest-magnitude Hessian eigenvalue| of L_n at the ``cell``-th w*, by power iteration."""
+    center = posterior.centers[cell]
+    g = torch.Generator(device=center.device).manual_seed(seed)
+    v = torch.randn(posterior.d, generator=g, device=center.device, dtype=center.dtype)
     v /= v.norm()
     estimate = 0.0
     for _ in range(iterations):
-        hv = posterior.hvp(v)
+        hv = posterior.hvp(v, cell)
         estimate = float(v @ hv)
         norm = hv.norm()
         if not torch.isfinite(norm) or norm == 0:
@@ -184,6 +216,8 @@ class ChainTrace:
 
     Entries of a diverged chain from the draw it diverged at onwards are NaN
     (missing): ``diverged_at`` gives that draw (−1 for a chain that did not).
+    With several cells the chains of cell i are rows i·chains .. (i+1)·chains − 1;
+    :meth:`cell` cuts them out.
     """
 
     loss: torch.Tensor              # (chains, draws) L_n(w), or its minibatch estimate (draw_loss="minibatch")
@@ -193,26 +227,56 @@ class ChainTrace:
     diverged: torch.Tensor          # (chains,) bool
     diverged_at: torch.Tensor       # (chains,) int
     samples: torch.Tensor | None    # (chains, draws, d) when asked for
-    loss_at_center: float
+    loss_at_center: torch.Tensor    # (chains,) L_n(w*) of each chain's w*
     step_size: torch.Tensor         # (chains,)
     nbeta: float
 
+    def cell(self, i: int, chains: int) -> "ChainTrace":
+        """The chains of the ``i``-th cell (``chains`` per cell)."""
+        rows = slice(i * chains, (i + 1) * chains)
+
+        def part(x):
+            return None if x is None else x[rows]
+
+        return ChainTrace(
+            loss=part(self.loss), distance=part(self.distance), grad_norm_sq=part(self.grad_norm_sq),
+            acceptance=part(self.acceptance), diverged=part(self.diverged), diverged_at=part(self.diverged_at),
+            samples=part(self.samples), loss_at_center=part(self.loss_at_center), step_size=part(self.step_size),
+            nbeta=self.nbeta)
+
+
+def _per_chain(value, cells: int, chains: int, dtype, device) -> torch.Tensor:
+    """A number, one value per cell or one per chain -> shape ``(cells·chains,)``."""
+    value = torch.as_tensor(value, dtype=dtype).to(device).reshape(-1)
+    if value.numel() == cells * chains:
+        return value.clone()
+    if value.numel() == cells:
+        return value.repeat_interleave(chains)
+    if value.numel() == 1:
+        return value.expand(cells * chains).clone()
+    raise ValueError(f"step_size must be one number, one per cell ({cells}) or one per chain ({cells * chains}), "
+                     f"not {value.numel()} values")
+
 
 def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains: int, draws: int, thin: int = 1,
-           sampler: str = "sgld", batch_size: int | None = None, seed: int = 0,
+           sampler: str = "sgld", batch_size: int | None = None, seed: int | Sequence[int] = 0,
            progress=None, keep_samples: bool = False, init: torch.Tensor | None = None,
            adapt_steps: int | None = None, draw_loss: str = "full") -> ChainTrace:
-    """Run ``chains`` Langevin chains from w* (or ``init``, shape ``(chains, d)``) for ``draws·thin`` steps.
+    """Run ``chains`` Langevin chains per cell from w* (or ``init``, shape ``(cells·chains, d)``)
+    for ``draws·thin`` steps; all chains of all cells advance together.
 
-    ``step_size`` is one number or one per chain (shape ``(chains,)``). ``sgld_rmsprop``
-    adapts its preconditioner during the first ``adapt_steps`` steps (None: always).
-    ``batch_size=None`` (or ≥ n) uses full-batch gradients; ``mala`` requires it.
-    With minibatches, ``draw_loss="full"`` records L_n at each draw (a forward pass
-    over the training set per draw), ``"minibatch"`` the loss of the draw's last
-    minibatch at the state it was taken at: free, and unbiased for L_n there because
-    the minibatch is drawn independently of the state, but noisier.
-    Noise, minibatch order and acceptance draws come from generators on the
-    posterior's device seeded with ``seed``, ``seed + 1`` and ``seed + 2``.
+    ``step_size`` is one number, one per cell (shape ``(cells,)``) or one per chain
+    (``(cells·chains,)``). ``sgld_rmsprop`` adapts its preconditioner during the
+    first ``adapt_steps`` steps (None: always). ``batch_size=None`` (or ≥ n) uses
+    full-batch gradients; ``mala`` requires it. With minibatches, ``draw_loss="full"``
+    records L_n at each draw (a forward pass over the training set per draw),
+    ``"minibatch"`` the loss of the draw's last minibatch at the state it was taken
+    at: free, and unbiased for L_n there because the minibatch is drawn
+    independently of the state, but noisier. ``seed`` is one integer per cell (a
+    single integer for one cell): the noise, minibatch order and acceptance draws of
+    cell i's chains come from generators on the posterior's device seeded with
+    ``seed[i]``, ``seed[i] + 1`` and ``seed[i] + 2``, so a cell's chains do not depend
+    on which other cells are sampled with it.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
@@ -221,27 +285,35 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
     full = batch_size is None or batch_size >= posterior.n
     if sampler == "mala" and not full:
         raise ValueError("mala needs full-batch gradients (batch_size=None): a minibatch Metropolis test is biased")
-    center = posterior.center
-    device, dtype, d = center.device, center.dtype, posterior.d
-    eps = torch.as_tensor(step_size, dtype=dtype).to(device).expand(chains).reshape(chains, 1).clone()
+    seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
+    cells = posterior.cells
+    if len(seeds) != cells:
+        raise ValueError(f"{len(seeds)} seeds given for a posterior with {cells} cells")
+    K = cells * chains
+    per_cell = [slice(i * chains, (i + 1) * chains) for i in range(cells)]
+    centers = posterior.centers
+    device, dtype, d = centers.device, centers.dtype, posterior.d
+    anchor = centers.repeat_interleave(chains, dim=0)              # (K, d): each chain's w*
+    L_star = posterior.losses_at_centers.repeat_interleave(chains)  # (K,)
+    eps = _per_chain(step_size, cells, chains, dtype, device)[:, None]
     neg_half_eps, sqrt_eps = -0.5 * eps, eps.sqrt()
-    nbeta, L_star = posterior.nbeta, posterior.loss_at_center
+    nbeta = posterior.nbeta
     energy_bound = DIVERGENCE_ENERGY_PER_PARAM * max(d, 1)
 
-    noise_gen = torch.Generator(device=device).manual_seed(seed)
-    batch_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    accept_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    noise_gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    batch_gens = [torch.Generator(device=device).manual_seed(s + 1) for s in seeds]
+    accept_gens = [torch.Generator(device=device).manual_seed(s + 2) for s in seeds]
 
-    w = (center.expand(chains, d) if init is None else init.to(device=device, dtype=dtype)).clone()
-    alive = torch.ones(chains, dtype=torch.bool, device=device)
-    diverged_at = torch.full((chains,), -1, dtype=torch.long, device=device)
+    w = (anchor if init is None else init.to(device=device, dtype=dtype)).clone()
+    alive = torch.ones(K, dtype=torch.bool, device=device)
+    diverged_at = torch.full((K,), -1, dtype=torch.long, device=device)
     nan = torch.tensor(float("nan"), dtype=dtype, device=device)
-    loss_trace = torch.empty(draws, chains, dtype=dtype, device=device)
+    loss_trace = torch.empty(draws, K, dtype=dtype, device=device)
     dist_trace = torch.empty_like(loss_trace)
     gsq_trace = torch.empty_like(loss_trace)
     acc_trace = torch.empty_like(loss_trace) if full else None
-    samples = torch.empty(draws, chains, d, dtype=dtype, device=device) if keep_samples else None
-    acc_sum = torch.zeros(chains, dtype=dtype, device=device)
+    samples = torch.empty(draws, K, d, dtype=dtype, device=device) if keep_samples else None
+    acc_sum = torch.zeros(K, dtype=dtype, device=device)
     rmsprop = sampler == "sgld_rmsprop"
     square_avg = torch.zeros_like(w) if rmsprop else None
     precond = 1.0 / (square_avg.sqrt() + RMSPROP_DELTA) if rmsprop else None
@@ -255,22 +327,25 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
     plain = sampler == "sgld" and not full
     if plain:
         keep = 1 - 0.5 * eps * posterior.localization
-        pull = (0.5 * eps * posterior.localization) * center
+        pull = (0.5 * eps * posterior.localization) * anchor
         push = -0.5 * eps * nbeta
 
     for t in range(draws * thin):
-        xi = noise.normal_(generator=noise_gen)
+        for rows, g in zip(per_cell, noise_gens):
+            noise[rows].normal_(generator=g)
+        xi = noise
         record = (t + 1) % thin == 0
         if not full:
             if order is None or position == n_batches:
                 # A fresh permutation per chain and epoch: independent minibatch orders.
-                order = torch.rand(chains, posterior.n, generator=batch_gen, device=device).argsort(dim=1)
+                order = torch.cat([torch.rand(chains, posterior.n, generator=g, device=device).argsort(dim=1)
+                                   for g in batch_gens])
                 position = 0
             rows = order[:, position * batch_size:(position + 1) * batch_size]
             position += 1
             loss, loss_grad = posterior.loss_and_grad(w, rows)
         w_before = w
-        grad_U = None if plain else posterior.potential_grad(loss_grad, w)
+        grad_U = None if plain else posterior.potential_grad(loss_grad, w, anchor)
         if plain:
             proposal = torch.addcmul(pull, keep, w).addcmul_(push, loss_grad).addcmul_(sqrt_eps, xi)
         elif rmsprop:
@@ -285,16 +360,16 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
 
         if full:
             new_loss, new_grad = posterior.loss_and_grad(proposal)
-            new_grad_U = posterior.potential_grad(new_grad, proposal)
+            new_grad_U = posterior.potential_grad(new_grad, proposal, anchor)
             reverse_mean = torch.addcmul(proposal, neg_half_eps, new_grad_U if precond is None else precond * new_grad_U)
             reverse_sq = (w - reverse_mean).square()
             reverse_sq = reverse_sq if precond is None else reverse_sq / precond
-            log_alpha = (posterior.potential(loss, w) - posterior.potential(new_loss, proposal)
+            log_alpha = (posterior.potential(loss, w, anchor) - posterior.potential(new_loss, proposal, anchor)
                          - reverse_sq.sum(dim=1) / (2 * eps[:, 0]) + 0.5 * xi.square().sum(dim=1))
             accept_prob = torch.nan_to_num(log_alpha.clamp(max=0.0).exp(), nan=0.0)
             acc_sum += accept_prob
             if sampler == "mala":
-                u = torch.rand(chains, generator=accept_gen, device=device, dtype=dtype)
+                u = torch.cat([torch.rand(chains, generator=g, device=device, dtype=dtype) for g in accept_gens])
                 accept = u < accept_prob
                 w = torch.where(accept[:, None], proposal, w)
                 loss = torch.where(accept, new_loss, loss)
@@ -311,7 +386,7 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
                 state, value = w, (loss if full else posterior.loss(w))
             else:
                 state, value = w_before, loss
-            offset = state - center
+            offset = state - anchor
             distance = torch.linalg.vector_norm(offset, dim=1)
             if grad_U is None:
                 # Plain SGLD skipped ∇U = nβ·∇L + γ·(w − w*) in its fused step; its state is w_before.
@@ -331,7 +406,7 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
                 acc_sum.zero_()
             if bad.any():
                 # Park diverged chains at w* so they stay finite (they are never read again).
-                w = torch.where(alive[:, None], w, center)
+                w = torch.where(alive[:, None], w, anchor)
                 if full:
                     loss = torch.where(alive, loss, L_star)
                     loss_grad = torch.where(alive[:, None], loss_grad, 0.0)
@@ -350,7 +425,8 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
     return ChainTrace(
         loss=out(loss_trace), distance=out(dist_trace), grad_norm_sq=out(gsq_trace),
         acceptance=out(acc_trace), diverged=diverged_at >= 0, diverged_at=diverged_at,
-        samples=out(samples), loss_at_center=L_star, step_size=eps[:, 0].cpu().double(), nbeta=nbeta,
+        samples=out(samples), loss_at_center=L_star.to(device="cpu", dtype=torch.float64),
+        step_size=eps[:, 0].cpu().double(), nbeta=nbeta,
     )
 
 
@@ -395,15 +471,33 @@ def calibrate_step_size(posterior: LocalPosterior, *, sampler: str, chains: int,
     run as one batch of ``chains × grid_size`` chains, each with its own step.
     Short chains cannot judge mixing; the caller checks that on the full run.
     """
-    h_max = top_curvature(posterior, seed=seed + 7)
-    grid = calibration_grid(posterior, h_max, grid_size)
-    steps_per_chain = torch.tensor(grid, dtype=torch.float64).repeat_interleave(chains)
+    return calibrate_step_sizes(posterior, sampler=sampler, chains=chains, seeds=[seed],
+                                target_acceptance=target_acceptance, steps=steps, grid_size=grid_size,
+                                progress=progress)[0]
+
+
+def calibrate_step_sizes(posterior: LocalPosterior, *, sampler: str, chains: int, seeds: Sequence[int],
+                         target_acceptance: float, steps: int = 64, grid_size: int = 16,
+                         progress=None) -> list[Calibration]:
+    """:func:`calibrate_step_size` for every cell of ``posterior`` (``seeds``: one per
+    cell), all cells' grid chains advanced together; each cell gets its own grid."""
+    cells = posterior.cells
+    h_max = [top_curvature(posterior, seed=seed + 7, cell=i) for i, seed in enumerate(seeds)]
+    grids = [calibration_grid(posterior, h, grid_size) for h in h_max]
+    steps_per_chain = torch.tensor(grids, dtype=torch.float64).reshape(-1).repeat_interleave(chains)
     half = steps // 2
-    trace = sample(posterior, step_size=steps_per_chain, chains=len(steps_per_chain), draws=steps,
-                   sampler=sampler, batch_size=None, seed=seed, progress=progress, adapt_steps=half)
-    llc = llc_per_chain(trace, half).reshape(grid_size, chains)
-    accepted = trace.acceptance[:, half:].mean(dim=1).reshape(grid_size, chains)
-    diverged = trace.diverged.reshape(grid_size, chains)
+    trace = sample(posterior, step_size=steps_per_chain, chains=chains * grid_size, draws=steps,
+                   sampler=sampler, batch_size=None, seed=list(seeds), progress=progress, adapt_steps=half)
+    llc = llc_per_chain(trace, half).reshape(cells, grid_size, chains)
+    accepted = trace.acceptance[:, half:].mean(dim=1).reshape(cells, grid_size, chains)
+    diverged = trace.diverged.reshape(cells, grid_size, chains)
+    return [_choose_step(grids[i], accepted[i], llc[i], diverged[i], h_max[i], target_acceptance)
+            for i in range(cells)]
+
+
+def _choose_step(grid: list[float], accepted: torch.Tensor, llc: torch.Tensor, diverged: torch.Tensor,
+                 h_max: float, target_acceptance: float) -> Calibration:
+    grid_size = len(grid)
     acceptance, llcs, fractions = [], [], []
     for acc, lam, div in zip(accepted, llc, diverged):
         alive = ~div

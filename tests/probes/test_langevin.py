@@ -8,6 +8,7 @@ where the sampler is exact, within a few reported standard errors.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -216,6 +217,8 @@ def test_chains_that_diverge_are_flagged_excluded_and_warned_about():
     check_result(ds, "llc", [])                      # the runtime accepts the NaN entries: each says what it means
 
 
+# Short chains keep these tests quick; they are not meant to mix.
+@pytest.mark.filterwarnings("ignore:R-hat of the loss")
 def test_same_seed_gives_the_same_result_bit_for_bit():
     ctx = linear_regression(n=200)
     results = [run(make_context(ctx.model, ctx.data, mse, seed=seed), chains=4, draws=60, batch_size=50)
@@ -225,6 +228,7 @@ def test_same_seed_gives_the_same_result_bit_for_bit():
     assert not np.array_equal(results[0].loss_trace.values, results[2].loss_trace.values)
 
 
+@pytest.mark.filterwarnings("ignore:R-hat of the loss")
 def test_stored_variables_have_their_contracted_dims_and_attrs():
     ds = run(linear_regression(n=200), chains=3, draws=40, burn_in=10, thin=2)
     dims = {
@@ -283,3 +287,132 @@ def test_schema_rejects_non_positive_and_unknown_parameters(params):
 def test_bad_input_is_refused_with_what_to_change(params, message):
     with pytest.raises(ProbeError, match=message):
         run(linear_regression(n=200), **params)
+
+
+@functools.lru_cache(maxsize=None)
+def _tanh_network_data_and_minima(seeds: tuple, n: int):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(X[:, :1]) * X[:, 1:] + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = make_mlp(**{"in": 2, "hidden": [4], "out": 1, "activation": "tanh"}).double()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+        for _ in range(300):
+            optimizer.zero_grad()
+            mse(model(X), y).backward()
+            optimizer.step()
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return X, y, states
+
+
+def trained_tanh_networks(seeds=(0, 1, 2), n: int = 120):
+    """The same small tanh network (2 -> 4 -> 1, 17 parameters) trained from several seeds on one
+    data set: the cells of a seed sweep, sharing architecture and data, differing in w*."""
+    X, y, states = _tanh_network_data_and_minima(tuple(seeds), n)
+    data = regression_data(X, y)
+    contexts = []
+    for seed, state in zip(seeds, states):
+        model = make_mlp(**{"in": 2, "hidden": [4], "out": 1, "activation": "tanh"}).double()
+        model.load_state_dict(state)
+        contexts.append(make_context(model, data, mse, seed=100 + seed))
+    return contexts
+
+
+@pytest.mark.filterwarnings("ignore:R-hat of the loss")
+@pytest.mark.parametrize("params", [
+    {"chains": 4, "draws": 60},                                                  # step_size auto: batched calibration
+    {"chains": 4, "draws": 60, "step_size": 1e-3, "batch_size": 30},             # own minibatch order per chain
+    {"chains": 3, "draws": 40, "sampler": "mala", "step_size": 2e-3},            # own acceptance draws per cell
+], ids=["auto-full-batch", "minibatch", "mala"])
+def test_batched_cells_give_what_each_cell_gives_alone(params):
+    probe = Langevin()
+    assert probe.batched
+    resolved = probe.resolve(params)
+    alone = [probe.run(ctx, resolved) for ctx in trained_tanh_networks()]
+    together = probe.run_batched(trained_tanh_networks(), resolved)
+    assert len(together) == 3
+    for single, batched in zip(alone, together):
+        assert set(single.data_vars) == set(batched.data_vars) and single.attrs == batched.attrs
+        for name in single.data_vars:
+            # Equal up to the reassociation of sums in a gradient batched over 3x more chains.
+            np.testing.assert_allclose(batched[name].values, single[name].values, rtol=1e-9, atol=1e-12,
+                                       err_msg=name)
+    # Different w* and seeds: the cells really differ, so equality is not vacuous.
+    assert not np.allclose(together[0].loss_trace.values, together[1].loss_trace.values)
+
+
+def test_batched_cells_with_different_data_fall_back_to_one_run_per_cell():
+    probe = Langevin()
+    params = probe.resolve({"chains": 3, "draws": 20, "step_size": 1e-3, "burn_in": 5})
+    contexts = [linear_regression(n=100, seed=0), linear_regression(n=100, seed=1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        together = probe.run_batched(contexts, params)
+        alone = [probe.run(ctx, params) for ctx in contexts]
+    for single, batched in zip(alone, together):
+        assert np.array_equal(single.loss_trace.values, batched.loss_trace.values)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:R-hat of the loss")
+def test_compiled_sgld_step_gives_the_eager_result():
+    """execution: {compile: true} wraps the vmapped gradient of the SGLD step in torch.compile;
+    where the compiler is missing it falls back to eager with a warning. Either way: same chains."""
+    probe = Langevin()
+    params = probe.resolve({"chains": 3, "draws": 30, "step_size": 1e-3, "batch_size": 40, "burn_in": 5})
+    eager = probe.run(trained_tanh_networks(seeds=(0,))[0], params)
+    ctx = trained_tanh_networks(seeds=(0,))[0]
+    ctx.compile = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = probe.run(ctx, params)
+    fell_back = [str(w.message) for w in caught if "sgld step" in str(w.message)]
+    assert not fell_back or "running eagerly" in fell_back[0]
+    for name in ("llc", "loss_trace", "distance_trace", "llc_chain"):
+        np.testing.assert_allclose(compiled[name].values, eager[name].values, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+LANGEVIN_SWEEP_SPEC = """
+version: 1
+name: langevin-seeds
+seed: 0
+device: cpu
+dtype: float64
+model: {kind: mlp, with: {in: 3, hidden: [4], out: 1, activation: tanh}}
+data: {kind: teacher_student, with: {n: 100, in: 3, out: 1, noise: 0.1}, batch_size: 100}
+loss: mse
+train: {optimizer: {kind: adam, lr: 0.05}, steps: 100, checkpoints: {at: [100]}}
+sweep: {seed: [0, 1, 2]}
+probes:
+  - {name: llc, probe: langevin, with: {chains: 3, draws: 30, burn_in: 10, step_size: 0.001, batch_size: 20}}
+output: out.zarr
+"""
+
+
+@pytest.mark.slow       # mostly the runtime: trains 6 networks and writes two stores
+@pytest.mark.filterwarnings("ignore:R-hat of the loss", "ignore:w\\* looks far")
+def test_a_seed_sweep_run_with_batch_cells_stores_what_the_cell_by_cell_run_stores(write_spec, tmp_path, monkeypatch):
+    from basinprobe.runtime import open_results
+    from basinprobe.runtime.execute import run_spec
+    from basinprobe.runtime.spec import load_spec
+
+    batch_sizes = []
+    run_batched = Langevin.run_batched
+
+    def counting(self, ctxs, params):
+        batch_sizes.append(len(ctxs))
+        return run_batched(self, ctxs, params)
+
+    monkeypatch.setattr(Langevin, "run_batched", counting)
+
+    plain = load_spec(write_spec(LANGEVIN_SWEEP_SPEC.replace("out.zarr", "plain.zarr"), "plain.yaml"))
+    batched = load_spec(write_spec(LANGEVIN_SWEEP_SPEC.replace("out.zarr", "batched.zarr")
+                                   + "execution: {batch_cells: true}\n", "batched.yaml"))
+    assert run_spec(plain).ok and run_spec(batched).ok
+    assert 3 in batch_sizes                      # the three seeds went through one run_batched call
+    a, b = open_results(tmp_path / "plain.zarr")["llc"], open_results(tmp_path / "batched.zarr")["llc"]
+    assert a["llc"].dims == ("seed", "checkpoint") and a.sizes["seed"] == 3
+    for name in ("llc", "llc_stderr", "llc_chain", "loss_trace", "distance_trace", "diverged"):
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-9, atol=1e-12, err_msg=name)

@@ -221,3 +221,22 @@ def test_ess_of_an_ar1_chain_is_n_times_one_minus_phi_over_one_plus_phi():
 def test_ess_of_independent_draws_is_the_number_of_draws():
     draws = np.random.default_rng(3).standard_normal((4, 2000))
     assert effective_sample_size(draws, rank_normalize=False) == pytest.approx(8000, rel=0.1)
+
+
+def test_chains_of_a_cell_do_not_depend_on_the_cells_sampled_with_it():
+    post, _, _ = quadratic_posterior()
+    other = post.center + 0.05                          # a second cell: same data, another w*
+    ctx_forward = make_context(make_mlp(**{"in": post.d, "hidden": [], "out": 1, "bias": False}).double(),
+                               regression_data(post.X, post.y), mse).forward
+    alone = sgld.LocalPosterior(ctx_forward, mse, post.X, post.y, post.center, NBETA, GAMMA)
+    pair = sgld.LocalPosterior(ctx_forward, mse, post.X, post.y, torch.stack([other, post.center]), NBETA, GAMMA)
+    for kwargs in ({"sampler": "mala", "step_size": 0.05}, {"sampler": "sgld", "step_size": 0.02, "batch_size": 16}):
+        single = sgld.sample(alone, chains=3, draws=40, seed=21, **kwargs)
+        both = sgld.sample(pair, chains=3, draws=40, seed=[20, 21],
+                           **{**kwargs, "step_size": torch.tensor([0.5, 1.0], dtype=torch.float64) * kwargs["step_size"]})
+        second = both.cell(1, 3)
+        torch.testing.assert_close(second.loss, single.loss, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(second.distance, single.distance, rtol=1e-10, atol=1e-13)
+        assert second.step_size.tolist() == [kwargs["step_size"]] * 3
+        assert torch.equal(second.loss_at_center, single.loss_at_center)
+        assert not torch.allclose(both.cell(0, 3).loss, single.loss)
