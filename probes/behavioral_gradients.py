@@ -26,7 +26,7 @@ import copy
 import numpy as np
 import torch
 import xarray as xr
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import functional_call
 
 from basinprobe.registry import Probe, ProbeError
 from basinprobe.runtime.substrate import activations as acts
@@ -34,11 +34,16 @@ from basinprobe.runtime.substrate import jacobian as jac
 
 DEFAULT_INPUTS = 512
 DENSE_HESSIAN_MAX = 5000
+# every argument spelled out, as the curvature probes request it on the whole train split: the
+# cache keys on the kwargs as given, so only the same spelling shares one dense Hessian per cell
+HESSIAN_ARTIFACT = "hessian.dense"
+HESSIAN_ARGS = {"operator": "hessian", "split": "train", "batches": None, "at": None}
 
 
 class BehavioralGradients(Probe):
     name = "behavioral_gradients"
     description = "rank and singular values of the per-input Jacobian, NTK spectrum, information-loss diagnostics"
+    requires = (HESSIAN_ARTIFACT,)   # only with hessian_rank: true (artifact_requests)
     schema = {
         "type": "object",
         "properties": {
@@ -70,9 +75,17 @@ class BehavioralGradients(Probe):
                               "description": "incoming weight rows with cosine >= 1 - duplicate_tol are duplicates"},
             "hessian_rank": {"type": "boolean", "default": False,
                              "description": f"also the rank of the dense loss Hessian (n <= {DENSE_HESSIAN_MAX})"},
+            "hessian_tol": {"type": ["number", "null"], "exclusiveMinimum": 0, "exclusiveMaximum": 1,
+                            "default": None,
+                            "description": "relative eigenvalue tolerance of hessian_rank (null: n·eps of the "
+                                           "dtype); near but not at a minimum the residual term's eigenvalues "
+                                           "(of the order of the residuals) count unless it is above them"},
         },
         "additionalProperties": False,
     }
+
+    def artifact_requests(self, params):
+        return [(HESSIAN_ARTIFACT, dict(HESSIAN_ARGS))] if params.get("hessian_rank") else []
 
     def cost(self, params, n_params, n_train):
         k = min(n_train, params.get("inputs") or DEFAULT_INPUTS)
@@ -82,6 +95,8 @@ class BehavioralGradients(Probe):
     def run(self, ctx, params):
         if ctx.n_params == 0:
             raise ProbeError("the model has no parameters: its Jacobian is empty; give the model trainable layers")
+        if params["hessian_rank"]:
+            _check_hessian_size(ctx)   # before the Jacobian, which may take a while
         dtype = torch.float64 if params["dtype"] == "float64" else ctx.dtype
         model = copy.deepcopy(ctx.model).to(dtype).eval()   # eval: dropout off, a deterministic function
         buffers = dict(model.named_buffers())
@@ -140,7 +155,7 @@ class BehavioralGradients(Probe):
             hidden = acts.capture_hidden(model, {**theta, **buffers}, X, batch_size=ctx.batch_size)
             variables.update(_diagnostics(ctx, hidden, theta, params, X))
         if params["hessian_rank"]:
-            variables.update(_hessian_variables(ctx))
+            variables.update(_hessian_variables(ctx, params, k, len(ctx.data.split("train")[0])))
 
         attrs = {
             "jacobian_path": "direct" if plan.path == "direct" else f"gram_{plan.side}",
@@ -286,30 +301,39 @@ def _diagnostics(ctx, hidden: acts.HiddenActivations, theta: dict, params: dict,
     }
 
 
-def _hessian_variables(ctx) -> dict:
+def _check_hessian_size(ctx) -> None:
     n = ctx.n_params
     if n > DENSE_HESSIAN_MAX:
         raise ProbeError(f"hessian_rank needs the dense {n} x {n} Hessian; it is computed up to "
                          f"{DENSE_HESSIAN_MAX} parameters: set hessian_rank: false or use a smaller model")
-    H = _dense_loss_hessian(ctx, chunk=min(n, 32))
-    _check_finite(H, "the loss Hessian")
-    eig = torch.linalg.eigvalsh((H + H.T) / 2).abs()
-    threshold = n * torch.finfo(H.dtype).eps * float(eig.max())
-    return {
-        "hessian_rank": xr.DataArray(int((eig > threshold).sum()), attrs={
-            "description": "numerical rank of the dense Hessian of the training loss (all of the train split), "
-                           "|eigenvalues| above n x eps x the largest, in the spec's dtype"}),
-    }
 
 
-def _dense_loss_hessian(ctx, chunk: int) -> torch.Tensor:
-    """∇²L(θ) of the training loss, column by column: the jvp of jacrev that ``torch.func.hessian`` is.
+def _hessian_variables(ctx, params: dict, k: int, n_train: int) -> dict:
+    """Numerical rank of the shared dense Hessian (artifact ``hessian.dense``) of the training loss.
 
-    Columns are pushed ``chunk`` at a time to bound memory (``torch.func.hessian``
-    pushes all n at once). To be replaced by the shared dense module of the substrate.
+    ``rank = #{|λ_i| > rtol·max|λ|}`` with ``rtol = hessian_tol``, by default ``n·eps``, the
+    rule of ``numpy.linalg.matrix_rank`` for a symmetric matrix. H covers the whole train
+    split; ``rank`` covers the probe's rows.
     """
-    theta = ctx.flat_params.detach()
-    n = theta.numel()
-    gradient = jacrev(lambda flat: ctx.loss(flat))
-    eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
-    return vmap(lambda e: jvp(gradient, (theta,), (e,))[1], chunk_size=chunk)(eye)
+    if params["split"] != "train" or k < n_train or params["outputs"] != "all":
+        ctx.warn(f"hessian_rank is the rank of the Hessian of the loss on all {n_train} training inputs and "
+                 f"outputs, while rank is over {k} {params['split']} inputs and outputs {params['outputs']}: "
+                 "rank(H) = rank(J) at an MSE minimum holds only with inputs covering the train split, "
+                 "split: train and outputs: all")
+    try:
+        dense = ctx.artifact(HESSIAN_ARTIFACT, **HESSIAN_ARGS)
+    except ValueError as exc:   # e.g. an empty train split
+        raise ProbeError(f"hessian_rank: {exc}") from None
+    _check_finite(dense.values, "the loss Hessian")
+    magnitude = dense.values.abs()
+    rtol = params["hessian_tol"] or ctx.n_params * torch.finfo(dense.values.dtype).eps
+    threshold = rtol * float(magnitude.max())
+    return {
+        "hessian_rank": xr.DataArray(int((magnitude > threshold).sum()), attrs={
+            "description": "numerical rank of the dense Hessian of the training loss (whole train split, "
+                           "shared artifact hessian.dense, in the spec's dtype): |eigenvalues| above "
+                           "hessian_rank_threshold"}),
+        "hessian_rank_threshold": xr.DataArray(threshold, attrs={
+            "description": f"absolute eigenvalue threshold of hessian_rank: hessian_tol (default n_params x eps) "
+                           f"x max|eigenvalue|, here relative {rtol:.3g}", "units": "loss / parameter^2"}),
+    }

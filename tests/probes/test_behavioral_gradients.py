@@ -11,6 +11,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from basinprobe.probes import _probe_classes
 from basinprobe.probes.behavioral_gradients import BehavioralGradients
 from basinprobe.registry import ProbeError
+from basinprobe.runtime import artifacts
 from basinprobe.runtime.context import CellContext
 from basinprobe.runtime.losses import mse
 from basinprobe.runtime.models import make_deep_linear, make_mlp
@@ -18,6 +19,12 @@ from basinprobe.runtime.testing import make_context, regression_data
 
 F64 = torch.float64
 PROBE = BehavioralGradients()
+
+# The first forward-mode AD of a process (torch.func.jvp, forward_ad.make_dual) imports
+# torch._decomp.decompositions_for_jvp, which registers 18 decompositions through the deprecated
+# torch.jit.script (torch 2.13): torch's own warning, not a call of ours.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning:torch.jit._script")
 
 
 def run(model, X, y=None, **with_):
@@ -69,6 +76,36 @@ def test_deep_linear_scalar_output_jacobian_rank_is_min_of_inputs_and_input_dim(
     assert int(ds["rank"]) == min(k, m)
     n = m * width + width
     assert int(ds["n_params"]) == n and int(ds["manifold_dim_bound"]) == n - min(k, m)
+
+
+@pytest.mark.parametrize("widths", [[4, 2, 3], [4, 5, 3], [4, 1, 3], [5, 3, 4], [4, 3, 2, 3], [4, 6, 1, 3]])
+def test_deep_linear_jacobian_rank_is_the_dimension_of_the_rank_r_matrices(widths):
+    # f(x) = W_L ⋯ W_1 x computes the p x m matrix W = W_L ⋯ W_1 of rank r = min(widths) for generic
+    # weights; θ ↦ W maps onto the manifold of rank-r matrices, of dimension r(m + p − r) (Trager,
+    # Kohn & Bruna 2020), and k ≥ m generic inputs make W ↦ W X injective: rank J = r(m + p − r).
+    # [4, 2, 3]: 2·(4 + 3 − 2) = 10; [4, 5, 3]: 3·4 = 12 = m·p (full); [4, 1, 3]: 1·6 = 6.
+    torch.manual_seed(0)
+    model = make_deep_linear(widths=widths).to(F64)
+    m, p, r = widths[0], widths[-1], min(widths)
+    ds = run(model, torch.randn(12, m, dtype=F64))
+    assert int(ds["rank"]) == r * (m + p - r)
+    assert int(ds["n_rows"]) == 12 * p
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_collapsed_inputs_give_the_rank_of_the_input_span(d):
+    # 10 inputs in R^6 that span only a d-dimensional subspace (x_i = B z_i), 4 of them repeated:
+    # row(x) = [vec(w2 xᵀ), W1 x] is linear and injective in x, so rank J = rank X = d,
+    # and the repeats are counted once by distinct_inputs (and distinct_activations)
+    torch.manual_seed(1)
+    model = make_deep_linear(widths=[6, 8, 1]).to(F64)
+    Z = torch.randn(6, d, dtype=F64)
+    X = torch.cat([Z, Z[:4]]) @ torch.randn(d, 6, dtype=F64)
+    ds = run(model, X)
+    assert int(ds["rank"]) == d == dense_rank(dense_jacobian(model, X))
+    assert int(ds["distinct_inputs"]) == 6
+    assert int(ds["distinct_activations"].sel(hidden_layer="1")) == 6
+    assert int(ds["activation_rank"].sel(hidden_layer="1")) == d
 
 
 def test_deep_linear_rank_is_the_same_on_the_gram_path():
@@ -221,6 +258,94 @@ def test_hessian_rank_equals_jacobian_rank_at_a_trained_mse_minimum():
     assert int(ds["hessian_rank"]) == int(ds["rank"])
 
 
+@pytest.mark.parametrize("k,m", [(3, 5), (10, 4)])
+def test_hessian_rank_of_an_exactly_fitted_linear_regression_is_the_rank_of_the_design(k, m):
+    # f(x) = wᵀx + b fits y = X w* + b* exactly; L = (1/k) Σ (f(x_i) − y_i)², f linear in θ = (w, b):
+    # H = (2/k) AᵀA with A = [X 1] = J, so rank H = rank J = rank A = min(k, m + 1)
+    model = mlp([], inp=m)
+    X = torch.randn(k, m, dtype=F64)
+    y = X @ torch.randn(m, 1, dtype=F64) + 0.7
+    with torch.no_grad():
+        A = torch.cat([X, torch.ones(k, 1, dtype=F64)], dim=1)
+        solution = torch.linalg.lstsq(A, y, driver="gelsd").solution[:, 0]
+        model[0].weight.copy_(solution[:m][None])
+        model[0].bias.copy_(solution[m:])
+    ds = run(model, X, y, hessian_rank=True)
+    assert int(ds["hessian_rank"]) == int(ds["rank"]) == min(k, m + 1)
+    assert int(ds["manifold_dim_bound"]) == m + 1 - min(k, m + 1)
+
+
+@pytest.mark.parametrize("k,m", [(3, 5), (8, 4)])
+def test_hessian_rank_of_a_deep_linear_network_at_a_global_minimum_is_min_k_m(k, m):
+    # f(x) = w2ᵀ W1 x (width 3) fitted to its own outputs: loss 0, a global minimum, where
+    # H = (2/k) JᵀJ and rank H = rank J = min(k, m). Off the minimum the residual term
+    # (2/k) Σ r_i ∇²f_i, with ∂²f/∂w2_a ∂W1_bc = δ_ab x_c, adds rank.
+    torch.manual_seed(k)
+    model = make_deep_linear(widths=[m, 3, 1]).to(F64)
+    X = torch.randn(k, m, dtype=F64)
+    y = model(X).detach()
+    at_minimum = run(model, X, y, hessian_rank=True)
+    assert int(at_minimum["hessian_rank"]) == int(at_minimum["rank"]) == min(k, m)
+    off = run(model, X, y + torch.randn(k, 1, dtype=F64), hessian_rank=True)
+    assert int(off["hessian_rank"]) > int(off["rank"]) == min(k, m)
+
+
+def test_near_a_minimum_hessian_tol_above_the_residuals_recovers_the_jacobian_rank():
+    # deep linear f = w2ᵀ W1 x, targets off its outputs by δ = 1e-7: H = (2/k)(JᵀJ + Σ r_i ∇²f_i) with
+    # JᵀJ's nonzero eigenvalues O(1) and the residual term's O(δ·|x|). The default tolerance n·eps
+    # (n = 4·8 + 8 = 40: 40·2.2e-16 ≈ 9e-15) counts the residual term; hessian_tol = 1e-4 lies between.
+    torch.manual_seed(0)
+    model = make_deep_linear(widths=[4, 8, 1]).to(F64)
+    X = torch.randn(6, 4, dtype=F64)
+    y = model(X).detach() + 1e-7 * torch.randn(6, 1, dtype=F64)
+    default, tolerant = run(model, X, y, hessian_rank=True), run(model, X, y, hessian_rank=True, hessian_tol=1e-4)
+    assert int(default["hessian_rank"]) > int(default["rank"]) == 4
+    assert int(tolerant["hessian_rank"]) == int(tolerant["rank"]) == 4
+    assert float(tolerant["hessian_rank_threshold"]) == pytest.approx(
+        1e-4 * float(default["hessian_rank_threshold"]) / (40 * torch.finfo(F64).eps))
+
+
+def test_hessian_rank_is_the_rank_of_the_shared_dense_hessian_artifact(monkeypatch):
+    # the probe reads the cell's hessian.dense (runtime/substrate/dense.py), computed once per cell
+    # and shared with hessian_spectrum / basin_volume, whose eigenvalues it thresholds at n·eps·max|λ|
+    calls = []
+    produce = artifacts.producer("hessian.dense")
+    monkeypatch.setitem(artifacts.PRODUCERS, "hessian.dense", lambda ctx, **kw: calls.append(kw) or produce(ctx, **kw))
+    model, X = mlp([3], inp=2, activation="tanh"), torch.randn(6, 2, dtype=F64)
+    ctx = make_context(model, regression_data(X, torch.zeros(6, 1, dtype=F64)), mse)
+    ds = PROBE.run(ctx, PROBE.resolve({"hessian_rank": True}))
+    shared = ctx.artifact("hessian.dense", operator="hessian", split="train", batches=None, at=None)
+    assert len(calls) == 1
+    H = dense_loss_hessian(model, X, torch.zeros(6, 1, dtype=F64))
+    torch.testing.assert_close(shared.matrix, H)
+    assert int(ds["hessian_rank"]) == int(torch.linalg.matrix_rank(H, hermitian=True))
+    assert PROBE.artifact_requests(PROBE.resolve({"hessian_rank": True})) == [
+        ("hessian.dense", {"operator": "hessian", "split": "train", "batches": None, "at": None})]
+    assert PROBE.artifact_requests(PROBE.resolve({})) == []
+
+
+def dense_loss_hessian(model, X, y) -> torch.Tensor:
+    """∇²L by torch.autograd.functional.hessian of the flat-parameter MSE."""
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    flat = parameters_to_vector(model.parameters()).detach()
+
+    def loss(theta):
+        params, start = {}, 0
+        for name, shape in shapes.items():
+            params[name] = theta[start:start + shape.numel()].view(shape)
+            start += shape.numel()
+        return mse(functional_call(model, params, (X,)), y)
+
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def test_hessian_rank_over_a_subset_of_inputs_warns_that_it_is_not_comparable():
+    model, X = mlp([3], inp=2, activation="tanh"), torch.randn(20, 2, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="hessian_rank is the rank of the Hessian of the loss on all 20"):
+        ds = run(model, X, inputs=5, hessian_rank=True)
+    assert int(ds["n_rows"]) == 5
+
+
 class NormedNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -263,6 +388,13 @@ def test_every_variable_is_described_and_no_dim_is_a_sel_keyword():
     assert {"singular_values", "rank", "n_params", "n_rows", "manifold_dim_bound", "ntk_eigenvalues",
             "ntk_condition", "layer_rank", "distinct_activations", "activation_rank", "dead_fraction",
             "duplicate_units", "hessian_rank"} <= set(ds.data_vars)
+
+
+def test_per_layer_false_stores_only_the_whole_jacobian_results():
+    X = torch.randn(6, 3, dtype=F64)
+    full, ds = run(mlp([4]), X), run(mlp([4]), X, per_layer=False)
+    assert not {"layer_rank", "distinct_activations", "dead_fraction", "duplicate_units"} & set(ds.data_vars)
+    assert set(ds.dims) == {"sv"} and int(ds["rank"]) == int(full["rank"])
 
 
 def test_a_subset_of_inputs_is_drawn_from_the_seed_reproducibly():

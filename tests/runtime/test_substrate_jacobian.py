@@ -11,6 +11,11 @@ from basinprobe.runtime.substrate import jacobian as jac
 
 F64 = torch.float64
 
+# torch's first forward-mode AD in a process scripts its jvp decompositions with the deprecated
+# torch.jit.script (torch/_decomp/decompositions_for_jvp.py, torch 2.13): not a call of ours.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning:torch.jit._script")
+
 
 def mlp_case(inp=3, hidden=(5, 4), out=2, k=10, activation="tanh", seed=0):
     torch.manual_seed(seed)
