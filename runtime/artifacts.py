@@ -8,6 +8,7 @@ caches its value per cell by ``(name, kwargs)``, so two probes that ask for
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from typing import Callable
 
@@ -37,6 +38,14 @@ def producer(name: str) -> Callable:
         raise KeyError(f"unknown artifact {name!r}; known artifacts: {known}") from None
 
 
+def arguments(name: str, kwargs: dict) -> dict:
+    """The arguments of a request with the producer's defaults filled in, so leaving an
+    argument out and passing its default value name the same computation."""
+    bound = inspect.signature(producer(name)).bind_partial(None, **kwargs)
+    bound.apply_defaults()
+    return dict(list(bound.arguments.items())[1:])  # without the context
+
+
 def cache_key(name: str, kwargs: dict) -> tuple:
     def freeze(value):
         if isinstance(value, dict):
@@ -45,4 +54,4 @@ def cache_key(name: str, kwargs: dict) -> tuple:
             return tuple(freeze(v) for v in value)
         return value
 
-    return (name, freeze(kwargs))
+    return (name, freeze(arguments(name, kwargs)))

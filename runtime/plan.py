@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from basinprobe.registry import ProbeError, Registry, load_registry
+from basinprobe.runtime import artifacts
 from basinprobe.runtime.spec import PointConfig, Problem, ProbeEntry, Spec, SpecError
 from basinprobe.runtime.yamlio import mark_of
 
@@ -89,6 +90,7 @@ def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
             for entry in entries:
                 probe = registry.probes[entry.probe].obj()
                 for name, kwargs in probe.artifact_requests(entry.params):
+                    kwargs = _artifact_arguments(spec, entry, name, kwargs)
                     node = f"{name}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
                     cell.artifacts.setdefault(node, []).append(entry.name)
             cells.append(cell)
@@ -98,6 +100,15 @@ def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
         if scoped[entry.name] == "group":
             groups += _groups_of(spec, index, entry, points, registry)
     return Plan(spec, points, groups)
+
+
+def _artifact_arguments(spec: Spec, entry: ProbeEntry, name: str, kwargs: dict) -> dict:
+    try:
+        return artifacts.arguments(name, kwargs)
+    except (KeyError, TypeError) as exc:
+        path = ("probes", spec.probes.index(entry))
+        raise SpecError([Problem(mark_of(spec.document, path), path,
+                                 f"probe {entry.probe!r} requests {name}: {exc.args[0]} (a bug in the probe's plugin)")]) from None
 
 
 def _groups_of(spec: Spec, index: int, entry: ProbeEntry, points: list[PointPlan], registry) -> list[GroupPlan]:
