@@ -20,7 +20,8 @@ from basinprobe.runtime.substrate.dense import DENSE_THRESHOLD
 from basinprobe.runtime.substrate.hvp import loss_batches
 from basinprobe.runtime.substrate.slq import trace_function
 from basinprobe.runtime.substrate.volume import (batched_loss, log_unit_ball_volume, monte_carlo_log_volume,
-                                                 quadratic_log_radius, ray_radii, uniform_directions)
+                                                 quadratic_log_radius, quadratic_log_volume, ray_radii, stiff,
+                                                 uniform_directions)
 
 POSITIVE = {"type": "number", "exclusiveMinimum": 0}
 
@@ -110,18 +111,20 @@ class BasinVolume(Probe):
                 def f(lam, eps=eps):
                     return quadratic_log_radius(lam, eps, radius, params["delta"])
 
-                def stiff(lam, eps=eps):
-                    return (lam > max(params["delta"], 2 * eps / radius**2)).double()
+                def g(lam, eps=eps):
+                    return stiff(lam, eps, radius, params["delta"])
 
                 if path == "dense":
                     values = ctx.artifact("hessian.dense", **common).values.to("cpu", torch.float64)
-                    log_volume[row, j] = log_vd + float(f(values).sum())
-                    effective[j] = float(stiff(values).sum())
+                    effective[j] = float(g(values).sum())
+                    log_volume[row, j] = quadratic_log_volume(float(f(values).sum()), effective[j], n)
                 else:
                     q = ctx.artifact("hessian.slq", probes=params["probes"], steps=params["steps"], **common)
-                    total, log_volume_se[row, j] = trace_function(q, f)
-                    log_volume[row, j] = log_vd + total
-                    effective[j], effective_se[j] = trace_function(q, stiff)
+                    # per-probe estimates of tr f(H) and s, so the stderr carries their correlation
+                    samples = quadratic_log_volume(n * q.per_probe(f), n * q.per_probe(g), n)
+                    log_volume[row, j] = float(samples.mean())
+                    log_volume_se[row, j] = float(samples.std(unbiased=True)) / math.sqrt(len(samples))
+                    effective[j], effective_se[j] = trace_function(q, g)
             variables["effective_dim"] = xr.DataArray(effective, dims="epsilon", attrs={
                 "description": "number of Hessian eigenvalues above max(delta, 2 epsilon / R^2): directions "
                                "in which the basin is narrower than the ball"})
@@ -154,6 +157,13 @@ class BasinVolume(Probe):
             variables["effective_sample_size"] = xr.DataArray(ess, dims="epsilon", attrs={
                 "description": "(sum w)^2 / sum w^2 of the weights r(u)^d: how many directions carry the estimate"})
             attrs["loss_evaluations"] = rays.evaluations
+            for eps, e in zip(epsilons, ess):
+                if e < max(10.0, 0.01 * params["directions"]):
+                    # in high dimension E[r^d] is carried by the rare longest rays; the delta-method
+                    # stderr then understates the error, and the estimate is biased low
+                    ctx.warn(f"monte_carlo log_volume at epsilon={eps:g} rests on an effective sample of "
+                             f"{e:.1f} of {params['directions']} directions: read it as a lower estimate "
+                             "with an unreliable stderr; raise `directions` or use the hessian estimate")
 
         variables["log_volume"] = xr.DataArray(log_volume, dims=("estimator", "epsilon"), attrs={
             "description": "natural log of the volume of {w : L(w) - L(w*) <= epsilon, |w - w*| <= R}",

@@ -9,18 +9,22 @@ below ``DENSE_THRESHOLD`` parameters (``method: auto``), one dense ``eigh`` for 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import xarray as xr
 
 from basinprobe.registry import Probe, ProbeError
-from basinprobe.runtime.substrate.curvature import choose_method, descent_check
-from basinprobe.runtime.substrate.dense import DENSE_THRESHOLD
-from basinprobe.runtime.substrate.slq import density_grid, spectral_density, trace_function
-from basinprobe.runtime.substrate.trace import hutchpp
+from basinprobe.runtime.substrate.curvature import (CurvatureEigen, DescentCheck, choose_method, dense_spectra,
+                                                    descent_check, descent_checks, eigen_many, lockstep,
+                                                    slq_many, stacked_operator)
+from basinprobe.runtime.substrate.dense import DENSE_THRESHOLD, DenseSpectrum
+from basinprobe.runtime.substrate.slq import Quadrature, density_grid, mass_below, spectral_density
+from basinprobe.runtime.substrate.trace import TraceEstimate, hutchpp, hutchpp_steps
 
 EIGEN_UNITS = "loss / parameter^2"
+
 
 DATA_SCHEMA = {
     "type": "object",
@@ -40,8 +44,35 @@ def numerical_zero(scale: float, n: int, dtype: torch.dtype) -> float:
     return 10 * math.sqrt(n) * torch.finfo(dtype).eps * scale
 
 
+@dataclass
+class Measured:
+    """What the curvature engine returned for one cell."""
+
+    check: DescentCheck
+    examples: int
+    dense: DenseSpectrum | None = None
+    eigen: dict[str, CurvatureEigen] = field(default_factory=dict)  # "top" / "bottom"
+    trace: TraceEstimate | None = None
+    quadrature: Quadrature | None = None
+
+
+def _operator(build):
+    try:
+        return build()
+    except ValueError as exc:  # an empty split
+        raise ProbeError(str(exc)) from None
+
+
+def _finite(check: DescentCheck) -> DescentCheck:
+    if not (math.isfinite(check.loss) and math.isfinite(check.gradient_norm)):
+        raise ProbeError(f"the loss ({check.loss}) or its gradient is not finite at this point; "
+                         "check the checkpoint (a diverged run?) or measure in float64 (dtype: float64)")
+    return check
+
+
 class HessianSpectrum(Probe):
     name = "hessian_spectrum"
+    batched = True
     description = "top/bottom eigenvalues, trace, spectral density and saddle index of the Hessian or GGN"
     requires = ("hessian.operator", "hessian.eigen", "hessian.slq", "hessian.dense")
     schema = {
@@ -93,6 +124,55 @@ class HessianSpectrum(Probe):
         return 4.0 * products * n_train
 
     def run(self, ctx, params):
+        top_k, bottom_k, path, data, common = self._resolve(ctx, params)
+        hessian_op = _operator(lambda: ctx.artifact("hessian.operator", split=data["split"], batches=data["batches"]))
+        found = Measured(_finite(descent_check(hessian_op)), hessian_op.n_examples)
+        if path == "dense":
+            found.dense = ctx.artifact("hessian.dense", **common)
+        else:
+            for which, k in (("top", top_k), ("bottom", bottom_k)):
+                if k:
+                    found.eigen[which] = ctx.artifact("hessian.eigen", k=k, which=which, tol=params["tol"],
+                                                     method="lanczos", **common)
+            if params["trace"]:
+                op = ctx.artifact("hessian.operator", **common)
+                found.trace = hutchpp(op.matmat, ctx.n_params, params["trace_samples"], ctx.generator, ctx.dtype,
+                                      ctx.device)
+            if params["density"]:
+                found.quadrature = ctx.artifact("hessian.slq", probes=params["probes"], steps=params["steps"], **common)
+        return self._dataset(ctx, params, top_k, bottom_k, path, data, found)
+
+    def run_batched(self, ctxs, params):
+        """Cells of one architecture on the same data: every product is one ``vmap``-ed backward pass
+        for all of them, and each cell's Lanczos, Hutch++ and SLQ runs take the steps they take in
+        :meth:`run` (same seeds, same stopping), advanced in lockstep."""
+        if len(ctxs) == 1:
+            return [self.run(ctxs[0], params)]
+        first = ctxs[0]
+        top_k, bottom_k, path, data, common = [self._resolve(ctx, params) for ctx in ctxs][0]
+        hessian_op = _operator(lambda: stacked_operator(ctxs, "hessian", data["split"], data["batches"]))
+        found = [Measured(_finite(check), hessian_op.n_examples) for check in descent_checks(hessian_op)]
+        if path == "dense":
+            op = hessian_op if params["operator"] == "hessian" else None
+            for f, spectrum in zip(found, dense_spectra(ctxs, **common, op=op)):
+                f.dense = spectrum
+        else:
+            op = hessian_op if params["operator"] == "hessian" else stacked_operator(ctxs, **common)
+            for which, k in (("top", top_k), ("bottom", bottom_k)):
+                if k:
+                    for f, eig in zip(found, eigen_many(ctxs, op, k, which, params["tol"])):
+                        f.eigen[which] = eig
+            if params["trace"]:
+                routines = [hutchpp_steps(ctx.n_params, params["trace_samples"], ctx.generator, ctx.dtype, ctx.device)
+                            for ctx in ctxs]
+                for f, estimate in zip(found, lockstep(first, routines, op, "Hutch++ trace", 3)):
+                    f.trace = estimate
+            if params["density"]:
+                for f, q in zip(found, slq_many(ctxs, op, params["probes"], params["steps"])):
+                    f.quadrature = q
+        return [self._dataset(ctx, params, top_k, bottom_k, path, data, f) for ctx, f in zip(ctxs, found)]
+
+    def _resolve(self, ctx, params):
         n = ctx.n_params
         data = {**DATA_SCHEMA["default"], **params["data"]}
         common = {"operator": params["operator"], "split": data["split"], "batches": data["batches"]}
@@ -102,38 +182,31 @@ class HessianSpectrum(Probe):
             ctx.warn(f"top_k={top_k} / bottom_k={bottom_k} exceed the {n} parameters: all {n} eigenvalues "
                      f"are computed densely and the lists are clamped to {n}")
             top_k, bottom_k, method = min(top_k, n), min(bottom_k, n), "dense"
-        path = choose_method(method, n, max(top_k, bottom_k))
-        try:
-            hessian_op = ctx.artifact("hessian.operator", operator="hessian", split=data["split"],
-                                      batches=data["batches"])
-        except ValueError as exc:
-            raise ProbeError(str(exc)) from None
-        check = descent_check(hessian_op)
-        if not (math.isfinite(check.loss) and math.isfinite(check.gradient_norm)):
-            raise ProbeError(f"the loss ({check.loss}) or its gradient is not finite at this point; "
-                             "check the checkpoint (a diverged run?) or measure in float64 (dtype: float64)")
+        return top_k, bottom_k, choose_method(method, n, max(top_k, bottom_k)), data, common
+
+    def _dataset(self, ctx, params, top_k, bottom_k, path, data, found: "Measured") -> xr.Dataset:
+        n = ctx.n_params
+        check = found.check
         hvp_count = 1
         variables, attrs = {}, {"path": path, "operator": params["operator"], "n_params": n,
-                                "split": data["split"], "examples": hessian_op.n_examples}
+                                "split": data["split"], "examples": found.examples}
 
         if path == "dense":
-            spectrum = ctx.artifact("hessian.dense", **common)
+            spectrum = found.dense
             values = spectrum.values.to("cpu", torch.float64)
             hvp_count += spectrum.matvecs
             top, bottom = values.flip(0)[:top_k], values[:bottom_k]
             trace, trace_stderr = float(values.sum()), 0.0
             scale = float(values.abs().max())
             zero = numerical_zero(scale, n, ctx.dtype)
-            negative, negative_stderr = float((values < -zero).double().mean()), 0.0
+            negative, negative_stderr, negative_bound = float((values < -zero).double().mean()), 0.0, 0.0
             nodes, weights = values[None], torch.full((1, n), 1.0 / n, dtype=torch.float64)
             attrs["converged"] = True
         else:
             top = bottom = torch.zeros(0, dtype=torch.float64)
             converged, scale = True, 0.0
-            for which, k in (("top", top_k), ("bottom", bottom_k)):
-                if not k:
-                    continue
-                eig = ctx.artifact("hessian.eigen", k=k, which=which, tol=params["tol"], method="lanczos", **common)
+            for which, eig in found.eigen.items():
+                k = len(eig.values)
                 hvp_count += eig.hvp_count
                 converged &= eig.converged
                 scale = max(scale, float(eig.values.abs().max()))
@@ -146,18 +219,17 @@ class HessianSpectrum(Probe):
                 else:
                     bottom = eig.values
             attrs["converged"] = bool(converged)
-            if params["trace"]:
-                op = ctx.artifact("hessian.operator", **common)
-                estimate = hutchpp(op.matmat, n, params["trace_samples"], ctx.generator, ctx.dtype, ctx.device)
-                trace, trace_stderr = estimate.value, estimate.stderr
-                hvp_count += estimate.matvecs
-            if params["density"]:
-                q = ctx.artifact("hessian.slq", probes=params["probes"], steps=params["steps"], **common)
+            if found.trace is not None:
+                trace, trace_stderr = found.trace.value, found.trace.stderr
+                hvp_count += found.trace.matvecs
+            if found.quadrature is not None:
+                q = found.quadrature
                 hvp_count += q.matvecs
                 scale = max(scale, float(q.nodes.abs().max()))
                 zero = numerical_zero(scale, n, ctx.dtype)
-                negative, negative_stderr = trace_function(q, lambda t: (t < -zero).double())
-                negative, negative_stderr = negative / n, negative_stderr / n
+                # the midpoint of the Chebyshev-Markov-Stieltjes bracket, not the Gauss rule of a
+                # step function (which is off by up to the weight of the nodes next to zero)
+                negative, negative_stderr, negative_bound = mass_below(q, -zero)
                 nodes, weights = q.nodes, q.weights
 
         if top_k:
@@ -184,7 +256,10 @@ class HessianSpectrum(Probe):
             variables["negative_fraction"] = xr.DataArray(negative, attrs={
                 "description": "fraction of the spectral mass below zero (the saddle index)"})
             variables["negative_fraction_stderr"] = xr.DataArray(negative_stderr, attrs={
-                "description": "standard error of negative_fraction (0 when exact)"})
+                "description": "standard error of negative_fraction over the SLQ probes (0 when exact)"})
+            variables["negative_fraction_bound"] = xr.DataArray(negative_bound, attrs={
+                "description": "bound on the quadrature error of negative_fraction (Chebyshev-Markov-Stieltjes; "
+                               "0 when exact): add it to the statistical error"})
             attrs["density_sigma"] = sigma
             attrs["negative_threshold"] = zero
         variables["hvp_count"] = xr.DataArray(hvp_count, attrs={

@@ -28,6 +28,12 @@ that do not fit. J v for the GGN uses the double-vjp trick (J v = ∂/∂u ⟨J�
 on the same cached graph. A block of vectors is pushed through the graph in one
 batched backward (``is_grads_batched``, a vmap over the backward pass) on CUDA; on
 CPU that measured 1.0-1.4x slower per vector than a loop, so there it loops.
+
+Stacked models. Given parameters Θ of shape (m, n), one row per model of the same
+architecture (batched cells: seeds, checkpoints), the operator is that of
+Σ_j L(θ_j): the forward pass is ``vmap``-ed over the rows, and since the models share
+no parameter its curvature is block diagonal, so one product with V (m, n) gives every
+model's own product, row by row (A V)_j = A(θ_j) v_j, in one backward pass.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.func import grad, jvp, vmap
+
+from basinprobe.runtime.substrate.compiled import maybe_compile
 
 
 def loss_batches(ctx, split: str = "train", batches: int | None = None,
@@ -62,6 +71,10 @@ class CurvatureOperator:
 
     ``matvec(v)`` and ``matmat(V)`` (columns) count every product in ``count``;
     ``as_linear_operator()`` wraps it for ``scipy.sparse.linalg``.
+
+    With ``params`` of shape (m, n) (stacked models), ``matvec`` maps (m, n) to (m, n)
+    and ``matmat`` (m, n, k) to (m, n, k), row j by model j's operator; ``loss_value``
+    is then a list of m floats and ``gradient`` (m, n).
     """
 
     kind = ""
@@ -70,7 +83,8 @@ class CurvatureOperator:
                  batches: int | None = None, batch_size: int | None = None, cache: bool = True):
         self.ctx = ctx
         self.params = (ctx.flat_params if params is None else params).detach().to(ctx.device, ctx.dtype)
-        self.n = self.params.numel()
+        self.stacked = self.params.dim() == 2
+        self.n = self.params.shape[-1]
         self.dtype, self.device = ctx.dtype, ctx.device
         self.split = split
         self.data = loss_batches(ctx, split, batches, batch_size)
@@ -89,6 +103,18 @@ class CurvatureOperator:
         """The product of one batch's term with ``V`` ((n,) or, batched, (k, n))."""
         raise NotImplementedError
 
+    # --- the model's outputs and the loss, of one model or of stacked models ----------------
+    def _outputs(self, theta: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            return vmap(self.ctx.forward, in_dims=(0, None))(theta, xb)
+        return self.ctx.forward(theta, xb)
+
+    def _losses(self, z: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The batch-mean loss: a scalar, or (m,) for stacked models."""
+        if self.stacked:
+            return vmap(self.ctx.loss_fn, in_dims=(0, None))(z, yb)
+        return self.ctx.loss_fn(z, yb)
+
     # --- products ---------------------------------------------------------------------
     def _graphs_iter(self) -> Iterator:
         if self.cache:
@@ -106,19 +132,20 @@ class CurvatureOperator:
         return out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``A v`` for a vector of length ``n``."""
+        """``A v`` for a vector of length ``n`` (stacked: ``(m, n)``, row by row)."""
         self.count += 1
-        return self._apply(v.to(self.device, self.dtype).reshape(self.n), batched=False)
+        return self._apply(v.to(self.device, self.dtype).reshape(self.params.shape), batched=False)
 
     def matmat(self, V: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
-        """``A V`` for ``V`` of shape ``(n, k)``; ``batched=None`` picks the faster way on the device."""
+        """``A V`` for ``V`` of shape ``(n, k)`` (stacked: ``(m, n, k)``); ``batched=None`` picks
+        the faster way on the device."""
         V = V.to(self.device, self.dtype)
         if batched is None:
             batched = self.device.type == "cuda"
         if not batched:
-            return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
-        self.count += V.shape[1]
-        return self._apply(V.T.contiguous(), batched=True).T
+            return torch.stack([self.matvec(V[..., j]) for j in range(V.shape[-1])], dim=-1)
+        self.count += V.shape[-1]
+        return self._apply(V.movedim(-1, 0).contiguous(), batched=True).movedim(0, -1)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
@@ -126,6 +153,9 @@ class CurvatureOperator:
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (numpy in and out; products are counted)."""
         from scipy.sparse.linalg import LinearOperator
+
+        if self.stacked:
+            raise ValueError("a LinearOperator needs the operator of one model, not of stacked models")
 
         np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
 
@@ -138,23 +168,51 @@ class CurvatureOperator:
         return LinearOperator((self.n, self.n), matvec=matvec, rmatvec=matvec, matmat=matmat, dtype=np_dtype)
 
     # --- the loss and gradient at the operator's point ----------------------------------
-    def _loss_and_gradient(self) -> tuple[float, torch.Tensor]:
+    def _loss_and_gradient(self) -> tuple[float | list[float], torch.Tensor]:
         theta = self.params.clone().requires_grad_(True)
         loss = 0.0
         for xb, yb, weight in self.data:
-            loss = loss + weight * self.ctx.loss_fn(self.ctx.forward(theta, xb), yb)
-        (grad,) = torch.autograd.grad(loss, theta, materialize_grads=True)
-        return float(loss.detach()), grad.detach()
+            loss = loss + weight * self._losses(self._outputs(theta, xb), yb)
+        (grad,) = torch.autograd.grad(loss.sum(), theta, materialize_grads=True)
+        loss = loss.detach()
+        return (loss.tolist() if self.stacked else float(loss)), grad.detach()
 
 
 class HessianOperator(CurvatureOperator):
-    """``H v`` by double backward through the (cached) gradient graph."""
+    """``H v`` by double backward through the (cached) gradient graph.
+
+    With ``ctx.compile`` (``execution: {compile: true}``) the products of one model are
+    instead the forward-over-reverse ``torch.func`` HVP, ``jvp(grad(ℓ_b), θ, v)``, a pure
+    function of (θ, v, X_b, y_b) that ``torch.compile`` can trace (a cached autograd graph
+    cannot be); if compilation fails it runs eagerly (:mod:`compiled`).
+    """
 
     kind = "hessian"
 
+    def __init__(self, ctx, *args, **kwargs):
+        super().__init__(ctx, *args, **kwargs)
+        self._compiled = None
+        if getattr(ctx, "compile", False) and not self.stacked:
+            self._compiled = maybe_compile(self._functional_product, True, "hvp")
+
+    def _functional_product(self, theta, v, xb, yb):
+        def loss(t):
+            return self.ctx.loss_fn(self.ctx.forward(t, xb), yb)
+
+        return jvp(grad(loss), (theta,), (v,))[1]
+
+    def _apply(self, V, batched):
+        if self._compiled is None:
+            return super()._apply(V, batched)
+        out = torch.zeros_like(V)
+        products = vmap(self._compiled, in_dims=(None, 0, None, None)) if batched else self._compiled
+        for xb, yb, weight in self.data:
+            out += weight * products(self.params, V, xb, yb)
+        return out
+
     def _build(self, xb, yb, weight):
         theta = self.params.clone().requires_grad_(True)
-        loss = weight * self.ctx.loss_fn(self.ctx.forward(theta, xb), yb)
+        loss = weight * self._losses(self._outputs(theta, xb), yb).sum()
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
         return theta, grad
 
@@ -174,9 +232,9 @@ class GGNOperator(CurvatureOperator):
 
     def _build(self, xb, yb, weight):
         theta = self.params.clone().requires_grad_(True)
-        z = self.ctx.forward(theta, xb)
+        z = self._outputs(theta, xb)
         z_leaf = z.detach().requires_grad_(True)
-        loss = weight * self.ctx.loss_fn(z_leaf, yb)
+        loss = weight * self._losses(z_leaf, yb).sum()
         (grad_z,) = torch.autograd.grad(loss, z_leaf, create_graph=True)
         # Jᵀu as a (linear) function of a dummy u: differentiating it in u gives J v.
         u = torch.zeros_like(z, requires_grad=True)
@@ -200,7 +258,8 @@ OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}
 def curvature_operator(ctx, operator: str = "hessian", params: torch.Tensor | None = None,
                        split: str = "train", batches: int | None = None, batch_size: int | None = None,
                        cache: bool = True) -> CurvatureOperator:
-    """The Hessian (``"hessian"``) or Gauss-Newton (``"ggn"``) operator of ``ctx``'s loss at ``params``."""
+    """The Hessian (``"hessian"``) or Gauss-Newton (``"ggn"``) operator of ``ctx``'s loss at ``params``
+    ((n,), or (m, n) for m stacked models of ``ctx``'s architecture on ``ctx``'s data)."""
     try:
         cls = OPERATORS[operator]
     except KeyError:

@@ -40,6 +40,8 @@ from typing import Callable
 
 import torch
 
+from basinprobe.runtime.substrate.lockstep import Routine, drive
+
 # Memory the default Lanczos basis may take (restarts start beyond it, or beyond 200 vectors).
 BASIS_BYTES = 1 << 30
 
@@ -90,9 +92,17 @@ class _Krylov:
             w, h = w - Q.T @ h2, h + h2
         return w, h
 
+    def pending(self) -> torch.Tensor:
+        """The vector whose product the next step needs."""
+        return self.V[self.j]
+
     def step(self) -> None:
+        self.accept(self.matvec(self.pending()))
+
+    def accept(self, w: torch.Tensor) -> None:
+        """Extend the basis with the product ``w = A v_j`` of the pending vector."""
         j = self.j
-        w = self.matvec(self.V[j])
+        w = w.to(self.V)
         w, h = self._orthogonalize(w, j + 1)
         h = h.to("cpu", torch.float64)
         self.T[: j + 1, j] = h
@@ -145,7 +155,20 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, whic
             progress=None) -> Eigenpairs:
     """The ``k`` largest (``which="top"``) or smallest (``"bottom"``) eigenpairs of a symmetric operator.
 
-    ``matvec`` maps an (n,) tensor to an (n,) tensor. The start vector is ``v0`` or a
+    ``matvec`` maps an (n,) tensor to an (n,) tensor. See :func:`lanczos_steps`.
+    """
+    return drive(lanczos_steps(n, k, which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, v0=v0,
+                               generator=generator, dtype=dtype, device=device, progress=progress), matvec)
+
+
+def lanczos_steps(n: int, k: int, which: str = "top", *, tol: float = 1e-4, max_matvecs: int | None = None,
+                  max_basis: int | None = None, v0: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+                  device: torch.device | str = "cpu", progress=None) -> Routine:
+    """:func:`lanczos` as a coroutine (:mod:`lockstep`): yields each vector to multiply, returns
+    the :class:`Eigenpairs`.
+
+    The start vector is ``v0`` or a
     Gaussian drawn from ``generator``. ``max_basis`` bounds the stored basis (thick
     restart beyond it; default: as many vectors as fit in ``BASIS_BYTES``, between 2k + 20
     and 200, at most n); ``max_matvecs``
@@ -163,13 +186,13 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, whic
         raise ValueError(f"max_basis={max_basis} must exceed k + 1 = {k + 1}")
     budget = max_matvecs or max(500, 50 * k)
     v0 = torch.randn(n, generator=generator, dtype=torch.float64) if v0 is None else v0
-    krylov = _Krylov(matvec, n, size, dtype, device, generator)
+    krylov = _Krylov(None, n, size, dtype, device, generator)
     krylov.start(v0.to(device=device, dtype=dtype))
     matvecs = restarts = 0
     scale = 0.0
     with (progress or contextlib.nullcontext()) as bar:
         while True:
-            krylov.step()
+            krylov.accept((yield krylov.pending()))
             matvecs += 1
             if bar is not None:
                 bar.advance(1)
@@ -203,16 +226,70 @@ def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], v: torch.
     ``m = min(steps, n)``; the iteration stops early (fewer nodes) when the Krylov space
     becomes invariant, where the rule is already exact.
     """
+    return drive(quadrature_steps(v, steps, generator), matvec)
+
+
+def quadrature_steps(v: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> Routine:
+    """:func:`lanczos_quadrature` as a coroutine (:mod:`lockstep`)."""
     n = v.numel()
     steps = min(steps, n)
-    krylov = _Krylov(matvec, n, steps, v.dtype, v.device, generator or torch.Generator().manual_seed(0))
+    krylov = _Krylov(None, n, steps, v.dtype, v.device, generator or torch.Generator().manual_seed(0))
     krylov.start(v)
     scale = 0.0
     for _ in range(steps):
-        krylov.step()
+        krylov.accept((yield krylov.pending()))
         scale = max(scale, float(krylov.T[: krylov.j, : krylov.j].abs().max()))
         if krylov.beta <= 1e-12 * max(scale, 1e-300) or krylov.j == steps:
             break
         krylov.advance(scale)
     theta, S = krylov.ritz()
     return theta, S[0] ** 2
+
+
+def quadrature_stacked(apply: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor,
+                       steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`lanczos_quadrature` of m start vectors (rows of ``V0``) against a stacked operator.
+
+    ``apply`` maps (m, n) to (m, n) row by row (row j by operator j, e.g. the stacked models
+    of batched cells). The m recurrences take the steps :func:`quadrature_steps` takes for
+    each alone (the same reorthogonalization and the same early stop on an invariant
+    subspace), with the basis bookkeeping batched (one ``bmm`` per step instead of m small
+    products); a row that has stopped is sent a zero vector.
+    """
+    m, n = V0.shape
+    steps = min(steps, n)
+    V = torch.zeros(m, steps + 1, n, dtype=V0.dtype, device=V0.device)
+    T = torch.zeros(m, steps + 1, steps + 1, dtype=torch.float64)
+    V[:, 0] = V0 / V0.norm(dim=1, keepdim=True)
+    active = torch.ones(m, dtype=torch.bool)
+    length = torch.zeros(m, dtype=torch.long)
+    scale = torch.zeros(m, dtype=torch.float64)
+    for j in range(steps):
+        W = apply(V[:, j]).to(V)
+        Q = V[:, : j + 1]
+        before = W.norm(dim=1)
+        h = torch.bmm(Q, W[:, :, None])[:, :, 0]
+        W = W - torch.bmm(Q.transpose(1, 2), h[:, :, None])[:, :, 0]
+        again = W.norm(dim=1) < 0.7 * before  # as _Krylov._orthogonalize, row by row
+        if bool(again.any()):
+            h2 = torch.bmm(Q, W[:, :, None])[:, :, 0]
+            W = torch.where(again[:, None], W - torch.bmm(Q.transpose(1, 2), h2[:, :, None])[:, :, 0], W)
+            h = torch.where(again[:, None], h + h2, h)
+        h = h.to("cpu", torch.float64)
+        rows = active.nonzero().flatten()
+        T[rows, : j + 1, j] = h[rows]
+        T[rows, j, : j + 1] = h[rows]
+        beta = W.norm(dim=1).to("cpu", torch.float64)
+        scale[rows] = torch.maximum(scale[rows], T[rows, : j + 1, : j + 1].abs().amax(dim=(1, 2)))
+        length[rows] = j + 1
+        stop = active & ((beta <= 1e-12 * scale.clamp_min(1e-300)) | (j + 1 == steps))
+        active &= ~stop
+        if not bool(active.any()):
+            break
+        keep = active.to(W.device)[:, None]
+        V[:, j + 1] = torch.where(keep, W / torch.where(keep, W.norm(dim=1, keepdim=True), 1.0), 0.0)
+    rules = []
+    for i in range(m):
+        theta, S = torch.linalg.eigh(T[i, : length[i], : length[i]])
+        rules.append((theta, S[0] ** 2))
+    return rules

@@ -35,7 +35,8 @@ from typing import Callable
 
 import torch
 
-from basinprobe.runtime.substrate.lanczos import lanczos_quadrature
+from basinprobe.runtime.substrate.lanczos import quadrature_stacked, quadrature_steps
+from basinprobe.runtime.substrate.lockstep import Routine, drive
 
 
 @dataclass
@@ -60,6 +61,12 @@ def rademacher(n: int, count: int, generator: torch.Generator, dtype=torch.float
 def slq(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, probes: int, steps: int,
         generator: torch.Generator, dtype=torch.float64, device="cpu", progress=None) -> Quadrature:
     """The Gauss rules of ``probes`` Rademacher vectors, ``steps`` Lanczos steps each."""
+    return drive(slq_steps(n, probes, steps, generator, dtype, device, progress), matvec)
+
+
+def slq_steps(n: int, probes: int, steps: int, generator: torch.Generator, dtype=torch.float64, device="cpu",
+              progress=None) -> Routine:
+    """:func:`slq` as a coroutine (:mod:`lockstep`)."""
     steps = min(steps, n)
     nodes = torch.zeros(probes, steps, dtype=torch.float64)
     weights = torch.zeros(probes, steps, dtype=torch.float64)
@@ -67,7 +74,7 @@ def slq(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, probes: int, ste
     V = rademacher(n, probes, generator)
     with (progress or contextlib.nullcontext()) as bar:
         for p in range(probes):
-            theta, tau = lanczos_quadrature(matvec, V[p].to(device=device, dtype=dtype), steps, generator)
+            theta, tau = yield from quadrature_steps(V[p].to(device=device, dtype=dtype), steps, generator)
             nodes[p, : len(theta)], weights[p, : len(tau)] = theta, tau
             # Padding nodes sit at an existing node so that min/max of the nodes stay meaningful.
             nodes[p, len(theta):] = theta[-1]
@@ -75,6 +82,29 @@ def slq(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, probes: int, ste
             if bar is not None:
                 bar.advance(1)
     return Quadrature(nodes, weights, n, matvecs)
+
+
+def slq_stacked(apply: Callable[[torch.Tensor], torch.Tensor], n: int, probes: int, steps: int,
+                generators: list[torch.Generator], dtype=torch.float64, device="cpu",
+                progress=None) -> list[Quadrature]:
+    """:func:`slq` of m operators at once (``apply`` maps (m, n) to (m, n) row by row), operator j's
+    probe vectors drawn from ``generators[j]`` exactly as :func:`slq` draws them."""
+    m = len(generators)
+    steps = min(steps, n)
+    probe_vectors = [rademacher(n, probes, g) for g in generators]
+    nodes = torch.zeros(m, probes, steps, dtype=torch.float64)
+    weights = torch.zeros(m, probes, steps, dtype=torch.float64)
+    matvecs = [0] * m
+    with (progress or contextlib.nullcontext()) as bar:
+        for p in range(probes):
+            V0 = torch.stack([V[p] for V in probe_vectors]).to(device=device, dtype=dtype)
+            for i, (theta, tau) in enumerate(quadrature_stacked(apply, V0, steps)):
+                nodes[i, p, : len(theta)], weights[i, p, : len(tau)] = theta, tau
+                nodes[i, p, len(theta):] = theta[-1]
+                matvecs[i] += len(theta)
+            if bar is not None:
+                bar.advance(1)
+    return [Quadrature(nodes[i], weights[i], n, matvecs[i]) for i in range(m)]
 
 
 def trace_function(q: Quadrature, f: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from basinprobe.runtime.substrate.lockstep import Routine, drive
 from basinprobe.runtime.substrate.slq import rademacher
 
 
@@ -54,18 +55,23 @@ def hutchinson(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, samples: 
 def hutchpp(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, matvecs: int,
             generator: torch.Generator, dtype=torch.float64, device="cpu") -> TraceEstimate:
     """Hutch++ estimate of tr(A) from about ``matvecs`` products (at least 3)."""
+    return drive(hutchpp_steps(n, matvecs, generator, dtype, device), matmat)
+
+
+def hutchpp_steps(n: int, matvecs: int, generator: torch.Generator, dtype=torch.float64, device="cpu") -> Routine:
+    """:func:`hutchpp` as a coroutine (:mod:`lockstep`): yields (n, k) blocks, receives A times them."""
     if matvecs < 3:
         raise ValueError(f"Hutch++ needs at least 3 products, not {matvecs}")
     sketch = min(matvecs // 3, n)
     S = rademacher(n, sketch, generator, dtype).T.to(device)
-    Q, _ = torch.linalg.qr(matmat(S))
-    AQ = matmat(Q)
+    Q, _ = torch.linalg.qr((yield S))
+    AQ = yield Q
     low_rank = float((Q * AQ).sum().to("cpu", torch.float64))
     if sketch >= n:  # Q spans the whole space: tr(QᵀAQ) = tr(A)
         return TraceEstimate(low_rank, 0.0, 2 * sketch, "hutch++")
     g = max(matvecs - 2 * sketch, 1)
     G = rademacher(n, g, generator, dtype).T.to(device)
     G = G - Q @ (Q.T @ G)
-    quad = (G * matmat(G)).sum(dim=0).to("cpu", torch.float64)
+    quad = (G * (yield G)).sum(dim=0).to("cpu", torch.float64)
     rest, stderr = _mean_stderr(quad)
     return TraceEstimate(low_rank + rest, stderr, 2 * sketch + g, "hutch++")

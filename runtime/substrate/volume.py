@@ -5,14 +5,21 @@ the part reached from w* along straight rays before the loss first exceeds the l
 (the connected, star-shaped part through w*).
 
 Quadratic estimate. Near a minimum L(w*+δ) ≈ L(w*) + ½ δᵀHδ, so S_ε is an ellipsoid with
-semi-axes √(2ε/λ_i) along the eigenvectors of H; capping each at R (and treating
-eigenvalues ≤ δ_floor as flat, capped at R)::
+semi-axes a_i = √(2ε/λ_i) along the eigenvectors of H. The stiff directions S are those
+with a_i < R (λ_i > 2ε/R²) and λ_i > δ_floor; the others (flat, negative, or floored) are
+cut by the ball alone. For a_i ≪ R the set is then the stiff ellipsoid times the ball of
+radius R in the flat subspace, whose volume is::
 
-    log V = log V_d(1) + Σ_i f(λ_i),   f(λ) = log min(√(2ε/λ), R)  (log R for λ ≤ δ_floor)
+    log V = log V_s(1) + Σ_{i∈S} log a_i + log V_{d−s}(1) + (d − s) log R,     s = |S|,
 
-with V_d(1) = π^{d/2}/Γ(d/2 + 1) the volume of the unit d-ball. Σ_i f(λ_i) is tr f(H):
-exact from a dense spectrum, or by stochastic Lanczos quadrature. Flat minima owe
-their volume to the many small eigenvalues in this sum.
+with V_k(1) = π^{k/2}/Γ(k/2 + 1) the volume of the unit k-ball. With no flat direction
+this is the ellipsoid, log V_d(1) + Σ_i log a_i = log V_d(1) + (d/2) log 2ε − ½ log det H,
+and with no stiff one the ball. (Capping the flat semi-axes at R inside one d-dimensional
+ellipsoid, log V_d(1) + Σ_i log min(a_i, R), would instead undercount the product by
+V_s V_{d−s}/V_d, e.g. a factor 2 for s = d − s = 2, and disagree with the Monte-Carlo
+estimate.) Σ_{i∈S} log a_i + (d − s) log R = tr f(H) and s = tr 1_S(H): exact from a dense
+spectrum, or by stochastic Lanczos quadrature. Flat minima owe their volume to the many
+small eigenvalues in this sum.
 
 Monte-Carlo estimate. In polar coordinates the volume of a star-shaped set whose ray
 in direction u ends at r(u) is ∫ r(u)^d/d dσ(u) = V_d(1)·E_u[r(u)^d] for u uniform on
@@ -45,18 +52,39 @@ def log_unit_ball_volume(d: int) -> float:
     return 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
 
 
+def stiff(eigenvalues: torch.Tensor, epsilon: float, radius: float, floor: float = 0.0) -> torch.Tensor:
+    """1 where the ellipsoid's semi-axis √(2ε/λ) is shorter than R and λ > floor, else 0."""
+    return (eigenvalues > max(floor, 2 * epsilon / radius**2)).to(torch.float64)
+
+
 def quadratic_log_radius(eigenvalues: torch.Tensor, epsilon: float, radius: float, floor: float = 0.0) -> torch.Tensor:
-    """f(λ) = log min(√(2ε/λ), R), and log R where λ ≤ max(floor, 2ε/R²) (flat within the ball)."""
-    flat = eigenvalues <= max(floor, 2 * epsilon / radius**2)
+    """f(λ) = log √(2ε/λ) in stiff directions, log R in the others (flat within the ball)."""
+    flat = stiff(eigenvalues, epsilon, radius, floor) == 0
     safe = torch.where(flat, torch.ones_like(eigenvalues), eigenvalues)
     return torch.where(flat, torch.full_like(eigenvalues, math.log(radius)), 0.5 * torch.log(2 * epsilon / safe))
+
+
+def quadratic_log_volume(log_radius_sum, stiff_count, d: int):
+    """log V of (stiff ellipsoid) x (flat R-ball) from tr f(H) and s = tr 1_S(H).
+
+    Either may be a float (dense spectrum) or a tensor of per-probe SLQ estimates;
+    a fractional s (an SLQ estimate) interpolates V_s through the Gamma function.
+    """
+    if isinstance(stiff_count, torch.Tensor):
+        s = stiff_count.clamp(0, d)
+        lgamma = torch.lgamma
+    else:
+        s = min(max(stiff_count, 0.0), float(d))
+        lgamma = math.lgamma
+    log_balls = 0.5 * d * math.log(math.pi) - lgamma(0.5 * s + 1) - lgamma(0.5 * (d - s) + 1)
+    return log_balls + log_radius_sum
 
 
 def batched_loss(ctx, X: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None) -> Callable:
     """``W (B, n) -> (B,)``: the mean loss over (X, y) at each row of W, vmapped in chunks."""
     if chunk_size is None:
-        # ~2^24 activation floats per chunk, with 256 activations per example as a rough guess.
-        chunk_size = max(1, min(64, 2**24 // (max(len(X), 1) * 256)))
+        # ~2^24 floats per chunk: 256 activations per example (a rough guess) and the row of W.
+        chunk_size = max(1, 2**24 // (len(X) * 256 + ctx.n_params))
 
     def one(w):
         return ctx.loss_fn(ctx.forward(w, X), y)

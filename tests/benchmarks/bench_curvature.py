@@ -2,6 +2,7 @@
 1024 digits inputs, cross-entropy), all timings measured in this process.
 
     python tests/benchmarks/bench_curvature.py [--threads 1] [--dtype float64] [--train-steps 0 300] [--dense]
+                                               [--compile]
 
 Prints:
 - one HVP / one gradient on the same batch (target <= 2), and the other formulations;
@@ -121,6 +122,14 @@ def measure(ctx, args, label):
     print(f"HVP, torch.func reverse-over-reverse  {t_rr * 1e3:7.2f} ms")
     print(f"HVP, torch.func forward-over-reverse  {t_fr * 1e3:7.2f} ms")
     print(f"HVP, cached, block of 16, per vector  {t_block * 1e3:7.2f} ms")
+    if args.compile:
+        ctx.compile = True  # execution: {compile: true}: the functional HVP under torch.compile
+        compiled = curvature_operator(ctx)
+        ctx.compile = False
+        _, t_first = timed(lambda: compiled.matvec(v))
+        t_compiled = median_time(lambda: compiled.matvec(v))
+        print(f"HVP, torch.compile (execution.compile) {t_compiled * 1e3:6.2f} ms   (first call, compiling: "
+              f"{t_first:.1f} s)")
 
     if args.dense:
         from basinprobe.runtime.substrate.dense import dense_operator
@@ -191,6 +200,7 @@ def main():
     parser.add_argument("--train-steps", type=int, nargs="+", default=[0, 300],
                         help="Adam steps before measuring, one scenario each (0: at initialization)")
     parser.add_argument("--dense", action="store_true", help="reference from the dense Hessian (slow)")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd HVP")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -273,3 +273,47 @@ def test_monte_carlo_log_volume_of_a_ball_is_exact():
     assert log_v == pytest.approx(log_unit_ball_volume(5) + 5 * math.log(2.0))
     assert stderr == 0.0 and ess == pytest.approx(20.0)
     assert np.isfinite(monte_carlo_log_volume(torch.tensor([0.0, -3.0], dtype=F64), 100000)[0])
+
+
+def test_compiled_hvp_path_gives_the_products_of_the_cached_graph(monkeypatch):
+    # execution.compile routes one model's products through the functional jvp(grad) HVP under
+    # torch.compile; the compiler itself is replaced by the identity here (it takes ~40 s on CPU),
+    # so this checks the compiled path's products, single and in blocks, against the eager ones.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    ctx = classifier_context(seed=2)
+    eager = curvature_operator(ctx, batch_size=16)
+    ctx.compile = True
+    compiled = curvature_operator(ctx, batch_size=16)
+    assert compiled._compiled is not None
+    V = torch.randn(ctx.n_params, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert torch.allclose(compiled.matvec(V[:, 0]), eager.matvec(V[:, 0]), atol=1e-13)
+    assert torch.allclose(compiled.matmat(V, batched=True), eager.matmat(V), atol=1e-13)
+    assert torch.allclose(compiled.matmat(V, batched=False), eager.matmat(V), atol=1e-13)
+
+
+def test_stacked_quadrature_and_slq_equal_the_one_operator_runs_also_with_early_breakdown():
+    # Three operators at once; the second has only 3 distinct eigenvalues, so its Krylov space is
+    # invariant after 3 steps and its rule stops there (fewer nodes), as lanczos_quadrature does.
+    from basinprobe.runtime.substrate.lanczos import quadrature_stacked
+    from basinprobe.runtime.substrate.slq import slq_stacked
+
+    n = 12
+    A = torch.stack([known_matrix(torch.linspace(-1, 3, n), seed=1),
+                     known_matrix([0.5] * 4 + [2.0] * 4 + [-1.0] * 4, seed=2),
+                     known_matrix(torch.logspace(-3, 1, n), seed=3)])
+
+    def apply(V):
+        return torch.einsum("mij,mj->mi", A, V)
+
+    V0 = torch.randn(3, n, generator=torch.Generator().manual_seed(4), dtype=F64)
+    for (theta, tau), a, v in zip(quadrature_stacked(apply, V0, 8), A, V0):
+        theta1, tau1 = lanczos_quadrature(lambda x, a=a: a @ x, v, 8)
+        assert len(theta) == len(theta1)
+        assert torch.allclose(theta, theta1, atol=1e-12) and torch.allclose(tau, tau1, atol=1e-12)
+    assert len(quadrature_stacked(apply, V0, 8)[1][0]) == 3
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    stacked = slq_stacked(apply, n, 4, 8, gens)
+    for q, a, s in zip(stacked, A, range(3)):
+        alone = slq(lambda x, a=a: a @ x, n, 4, 8, torch.Generator().manual_seed(s))
+        assert q.matvecs == alone.matvecs
+        assert torch.allclose(q.nodes, alone.nodes, atol=1e-12) and torch.allclose(q.weights, alone.weights, atol=1e-12)
