@@ -46,9 +46,19 @@ def _positive_or_auto(description: str) -> dict:
             "default": AUTO, "description": description}
 
 
+# The largest Hessian eigenvalue of the training loss at w* anchors the step-size grid; a
+# loose tolerance is plenty for a grid of factors of 2.
+TOP_EIGENVALUE = {"k": 1, "which": "top", "method": "lanczos", "tol": 1e-3}
+
+
+def top_hessian_eigenvalue(ctx) -> float:
+    return float(ctx.artifact("hessian.eigen", **TOP_EIGENVALUE).values[0])
+
+
 class Langevin(Probe):
     name = "langevin"
     batched = True      # run_batched: the chains of several cells (e.g. seeds) advance together
+    requires = ("hessian.eigen",)
     description = "local learning coefficient from batched SGLD chains; loss and distance traces, R-hat, ESS"
     schema = {
         "type": "object",
@@ -84,6 +94,11 @@ class Langevin(Probe):
         },
         "additionalProperties": False,
     }
+
+    def artifact_requests(self, params):
+        if params["step_size"] != AUTO:
+            return []
+        return [("hessian.eigen", TOP_EIGENVALUE)]
 
     def cost(self, params, n_params, n_train):
         batch = n_train if params.get("batch_size", "full") == "full" else params["batch_size"]
@@ -129,7 +144,7 @@ class Langevin(Probe):
         if params["step_size"] == AUTO:
             with first.progress(CALIBRATION_STEPS, "langevin: step-size calibration") as bar:
                 calibrations = sgld.calibrate_step_sizes(
-                    posterior, sampler=sampler, chains=CALIBRATION_CHAINS, seeds=[ctx.seed + 1000 for ctx in ctxs],
+                    posterior, top_eigenvalues=[top_hessian_eigenvalue(ctx) for ctx in ctxs], sampler=sampler, chains=CALIBRATION_CHAINS, seeds=[ctx.seed + 1000 for ctx in ctxs],
                     target_acceptance=target, steps=CALIBRATION_STEPS, grid_size=CALIBRATION_GRID, progress=bar)
             for calibration in calibrations:
                 if calibration.step_size is None:
@@ -280,7 +295,7 @@ def _cell_result(trace, step_size, calibration, loss_star, grad_norm, *, params,
     if calibration is not None:
         attrs["calibration"] = (
             f"geometric grid eps_k = 2^(1-k)/(nbeta*h_max + gamma), k = 0..{CALIBRATION_GRID - 1} (h_max: top Hessian "
-            f"eigenvalue at w*, power iteration); {CALIBRATION_CHAINS} full-batch chains x {CALIBRATION_STEPS} steps "
+            f"eigenvalue at w*, Lanczos); {CALIBRATION_CHAINS} full-batch chains x {CALIBRATION_STEPS} steps "
             f"per grid step, all batched; chosen: the largest step with no divergence and mean Metropolis-Hastings "
             f"acceptance >= {float(target)} over the second half, interpolated in log(1 - acceptance) vs log eps "
             "toward the next larger grid step (see calibration_* variables)")

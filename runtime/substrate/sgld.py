@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from basinprobe.runtime.substrate.compiled import maybe_compile
 
@@ -174,40 +174,9 @@ class LocalPosterior:
     def potential_grad(self, loss_grad: torch.Tensor, w: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         return self.nbeta * loss_grad + self.localization * (w - anchor)
 
-    def hvp(self, v: torch.Tensor, cell: int = 0) -> torch.Tensor:
-        """Hessian of the full-data loss at the ``cell``-th w* times ``v``.
-
-        Reverse-over-reverse: forward-over-reverse (``jvp`` of ``grad``) fails through
-        ``F.mse_loss`` in torch 2.13 ("ZeroTensors are immutable")."""
-        chunk = self._rows_per_chunk(1)
-        out = torch.zeros_like(v)
-        for start in range(0, self.n, chunk):
-            stop = min(start + chunk, self.n)
-            x, t = self.X[start:stop], self.y[start:stop]
-            hv = grad(lambda p: torch.dot(grad(self._loss_of)(p, x, t), v))(self.centers[cell])
-            out.add_(hv, alpha=(stop - start) / self.n)
-        return out
-
     def grad_at_centers(self) -> torch.Tensor:
         """∇L_n at every w*, shape ``(cells, d)``."""
         return self.loss_and_grad(self.centers, compiled=False)[1]
-
-
-def top_curvature(posterior: LocalPosterior, seed: int, iterations: int = 20, cell: int = 0) -> float:
-    """|largest-magnitude Hessian eigenvalue| of L_n at the ``cell``-th w*, by power iteration."""
-    center = posterior.centers[cell]
-    g = torch.Generator(device=center.device).manual_seed(seed)
-    v = torch.randn(posterior.d, generator=g, device=center.device, dtype=center.dtype)
-    v /= v.norm()
-    estimate = 0.0
-    for _ in range(iterations):
-        hv = posterior.hvp(v, cell)
-        estimate = float(v @ hv)
-        norm = hv.norm()
-        if not torch.isfinite(norm) or norm == 0:
-            break
-        v = hv / norm
-    return abs(estimate)
 
 
 @dataclass
@@ -457,8 +426,8 @@ def calibration_grid(posterior: LocalPosterior, top_eigenvalue: float, size: int
     return [2.0 ** (1 - k) / stiffest for k in range(size)]
 
 
-def calibrate_step_size(posterior: LocalPosterior, *, sampler: str, chains: int, seed: int,
-                        target_acceptance: float, steps: int = 64, grid_size: int = 16,
+def calibrate_step_size(posterior: LocalPosterior, *, top_eigenvalue: float, sampler: str, chains: int,
+                        seed: int, target_acceptance: float, steps: int = 64, grid_size: int = 16,
                         progress=None) -> Calibration:
     """The largest step at which full-batch chains stay finite and the mean
     Metropolis–Hastings acceptance probability of their steps (second half of
@@ -470,19 +439,22 @@ def calibrate_step_size(posterior: LocalPosterior, *, sampler: str, chains: int,
     so the estimate stops depending on the step once it is high. All grid steps
     run as one batch of ``chains × grid_size`` chains, each with its own step.
     Short chains cannot judge mixing; the caller checks that on the full run.
+    ``top_eigenvalue`` is the largest Hessian eigenvalue of L_n at w* (from the curvature
+    engine's ``hessian.eigen``), which anchors the grid.
     """
-    return calibrate_step_sizes(posterior, sampler=sampler, chains=chains, seeds=[seed],
+    return calibrate_step_sizes(posterior, top_eigenvalues=[top_eigenvalue], sampler=sampler, chains=chains,
+                                seeds=[seed],
                                 target_acceptance=target_acceptance, steps=steps, grid_size=grid_size,
                                 progress=progress)[0]
 
 
-def calibrate_step_sizes(posterior: LocalPosterior, *, sampler: str, chains: int, seeds: Sequence[int],
-                         target_acceptance: float, steps: int = 64, grid_size: int = 16,
+def calibrate_step_sizes(posterior: LocalPosterior, *, top_eigenvalues: Sequence[float], sampler: str,
+                         chains: int, seeds: Sequence[int], target_acceptance: float, steps: int = 64, grid_size: int = 16,
                          progress=None) -> list[Calibration]:
     """:func:`calibrate_step_size` for every cell of ``posterior`` (``seeds``: one per
     cell), all cells' grid chains advanced together; each cell gets its own grid."""
     cells = posterior.cells
-    h_max = [top_curvature(posterior, seed=seed + 7, cell=i) for i, seed in enumerate(seeds)]
+    h_max = [abs(float(h)) for h in top_eigenvalues]
     grids = [calibration_grid(posterior, h, grid_size) for h in h_max]
     steps_per_chain = torch.tensor(grids, dtype=torch.float64).reshape(-1).repeat_interleave(chains)
     half = steps // 2
