@@ -34,8 +34,7 @@ from basinprobe.runtime.substrate import jacobian as jac
 
 DEFAULT_INPUTS = 512
 DENSE_HESSIAN_MAX = 5000
-# every argument spelled out, as the curvature probes request it on the whole train split: the
-# cache keys on the kwargs as given, so only the same spelling shares one dense Hessian per cell
+# the loss Hessian on the whole train split, the one the curvature probes share per cell
 HESSIAN_ARTIFACT = "hessian.dense"
 HESSIAN_ARGS = {"operator": "hessian", "split": "train", "batches": None, "at": None}
 

@@ -140,6 +140,7 @@ class LotterySubspace(Probe):
                                                "at": "every checkpoint"}))
         if params.get("gradient_overlap", False) is not False:
             requests.append(("hessian.eigen", {**common, "k": params["gradient_overlap"].get("k", "auto")}))
+            requests.append(("hessian.operator", {}))  # its gradient
         return requests
 
     def cost(self, params, n_params, n_train):
@@ -340,7 +341,7 @@ class LotterySubspace(Probe):
         if k == "auto":
             k = ctx.data.n_classes if ctx.task == "classification" else int(np.prod(ctx.data.y_train.shape[1:]))
         U = self._eigenvectors(ctx, params, int(k))
-        gradient = torch.func.grad(lambda flat: ctx.loss(flat))(ctx.flat_params)
+        gradient = ctx.artifact("hessian.operator").gradient.detach().reshape(-1)  # the full-batch gradient
         attrs["gradient_overlap_k"] = int(k)
         norm = float(gradient.norm())
         if not math.isfinite(norm):
@@ -388,10 +389,9 @@ class LotterySubspace(Probe):
 
 
 def _eigen(ctx, params, k: int, at: int | None):
-    """Top-k eigenpairs from the curvature engine, every argument spelled out: the artifact cache
-    keys on the arguments as given, so this shares one solve with any probe asking the same."""
-    return ctx.artifact("hessian.eigen", k=k, which="top", operator=params["curvature"], split="train", batches=None,
-                        at=at, tol=1e-4, method=_eigensolver(params, k, ctx.n_params), max_matvecs=None)
+    """Top-k eigenpairs from the curvature engine, shared with any probe asking the same of the cell."""
+    return ctx.artifact("hessian.eigen", k=k, which="top", operator=params["curvature"], at=at,
+                        method=_eigensolver(params, k, ctx.n_params))
 
 
 def _eigensolver(params, k: int, n: int) -> str:
