@@ -12,9 +12,12 @@ Layout (see DESIGN.md):
 - ``_status``: attrs recording every (cell, entry) that finished or failed.
 
 While a run goes on, every finished cell is written at once to a staging
-group ``_cells/<cell>/<entry>`` (and every trained sweep point to
-``_points/<point>``) with a completion mark written last, so that a killed run
-loses nothing finished. At the end the staged cells are assembled into the
+folder ``_cells/<cell>/<entry>`` (and every trained sweep point to
+``_points/<point>``): its arrays in ``arrays.npz``, then its structure and a
+completion mark in ``stage.json``, each moved into place by an atomic rename,
+so that a killed run loses nothing finished. Staging uses plain files rather
+than Zarr groups because a Zarr array costs milliseconds to create and a cell
+holds dozens of small ones. At the end the staged cells are assembled into the
 labelled groups, which are swapped in by directory rename (so a group is never
 half-written), and the staging is removed.
 """
@@ -42,6 +45,8 @@ TRASH = "_trash"
 STATUS = "_status"
 CHECKPOINTS = "_checkpoints"
 COMPLETE = "basinprobe_complete"
+STAGE_META = "stage.json"
+STAGE_ARRAYS = "arrays.npz"
 
 
 class StoreMismatch(Exception):
@@ -75,7 +80,7 @@ def _to_zarr(ds: xr.Dataset, path: Path, group: str) -> None:
 def _open(path: Path, group: str) -> xr.Dataset:
     ctx = _quiet()
     try:
-        return xr.open_zarr(str(path), group=group, consolidated=False, zarr_format=3).load()
+        return xr.open_zarr(str(path), group=group, consolidated=False, zarr_format=3, chunks=None).load()
     finally:
         ctx.__exit__(None, None, None)
 
@@ -134,17 +139,12 @@ class RunStore:
         base = self.path / STAGING_CELLS
         if not base.is_dir():
             return status
-        for cell_dir in base.iterdir():
-            for entry_dir in cell_dir.iterdir() if cell_dir.is_dir() else []:
-                meta = entry_dir / "zarr.json"
-                if not meta.is_file():
-                    continue
-                attrs = json.loads(meta.read_text()).get("attributes", {})
-                if attrs.get(COMPLETE):
-                    status[(cell_dir.name, entry_dir.name)] = {
-                        "status": attrs["status"], "error": attrs.get("error"), "coords": attrs["coords"],
-                        "warnings": attrs.get("warnings", []), "staged": True,
-                    }
+        for meta in base.glob(f"*/*/{STAGE_META}"):
+            record = json.loads(meta.read_text())
+            status[(meta.parent.parent.name, meta.parent.name)] = {
+                "status": record["status"], "error": record.get("error"), "coords": record["coords"],
+                "warnings": record.get("warnings", []), "staged": True,
+            }
         return status
 
     def status(self) -> dict[tuple[str, str], dict]:
@@ -159,35 +159,25 @@ class RunStore:
 
     def write_cell(self, cell_key: str, entry: str, coords: dict, result: xr.Dataset | None,
                    error: str | None, warnings_: list[str]) -> None:
-        group = f"{STAGING_CELLS}/{cell_key}/{entry}"
         ds = result if result is not None else xr.Dataset()
-        ds = ds.copy()
-        ds.attrs = {"probe_attrs": json.dumps(_jsonable(ds.attrs))}
-        _to_zarr(ds, self.path, group)
-        # The mark goes last: a cell killed while writing is not taken as finished.
-        attrs = zarr.open_group(str(self.path / group), mode="a", zarr_format=3).attrs
-        attrs.update({"coords": _jsonable(coords), "status": "failed" if error else "done", "error": error,
-                      "warnings": list(warnings_), COMPLETE: True})
+        _stage(self.path / STAGING_CELLS / cell_key / entry, ds, {
+            "coords": _jsonable(coords), "status": "failed" if error else "done", "error": error,
+            "warnings": list(warnings_), "probe_attrs": _jsonable(ds.attrs)})
 
     def read_staged_cell(self, cell_key: str, entry: str) -> tuple[xr.Dataset, dict]:
-        ds = _open(self.path, f"{STAGING_CELLS}/{cell_key}/{entry}")
-        probe_attrs = json.loads(ds.attrs.pop("probe_attrs", "{}"))
-        return ds, probe_attrs
+        ds, record = _read_stage(self.path / STAGING_CELLS / cell_key / entry)
+        return ds, record["probe_attrs"]
 
     def write_point(self, point_key: str, coords: dict, trajectory: dict[int, torch.Tensor], layout: dict) -> None:
         steps = sorted(trajectory)
         params = torch.stack([trajectory[s].detach().cpu().double() for s in steps]).numpy()
         ds = xr.Dataset({"params": (("checkpoint", "param"), params)}, coords={"checkpoint": steps})
-        group = f"{STAGING_POINTS}/{point_key}"
-        _to_zarr(ds, self.path, group)
-        zarr.open_group(str(self.path / group), mode="a", zarr_format=3).attrs.update(
-            {"coords": _jsonable(coords), "layout": layout, COMPLETE: True})
+        _stage(self.path / STAGING_POINTS / point_key, ds, {"coords": _jsonable(coords), "layout": layout})
 
     def read_trajectory(self, point_key: str, coords: dict, dtype: torch.dtype) -> dict[int, torch.Tensor] | None:
         """The stored checkpoints of a sweep point, from staging or the assembled group."""
-        meta = self.path / STAGING_POINTS / point_key / "zarr.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("attributes", {}).get(COMPLETE):
-            ds = _open(self.path, f"{STAGING_POINTS}/{point_key}")
+        if (self.path / STAGING_POINTS / point_key / STAGE_META).is_file():
+            ds, _ = _read_stage(self.path / STAGING_POINTS / point_key)
             n = None
         elif (self.path / CHECKPOINTS / "zarr.json").is_file():
             full = _open(self.path, CHECKPOINTS)
@@ -295,13 +285,13 @@ class RunStore:
         sweep_dims = [axis.dim for axis in spec.sweep]
         pieces, layouts = [], {}
         base = self.path / STAGING_POINTS
-        staged = {p.name for p in base.iterdir()} if base.is_dir() else set()
+        staged = {p.parent.name for p in base.glob(f"*/{STAGE_META}")}
         previous = _open(self.path, CHECKPOINTS) if (self.path / CHECKPOINTS / "zarr.json").is_file() else None
         for point_key, info in point_layouts.items():
             coords = info["coords"]
             if point_key in staged:
-                ds = _open(self.path, f"{STAGING_POINTS}/{point_key}")
-                layout = json.loads((base / point_key / "zarr.json").read_text())["attributes"]["layout"]
+                ds, record = _read_stage(base / point_key)
+                layout = record["layout"]
             elif previous is not None:
                 try:
                     ds = previous.sel(coords) if coords else previous
@@ -330,6 +320,44 @@ class RunStore:
 
 def cell_label(coords: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in coords.items())
+
+
+def _stage(folder: Path, ds: xr.Dataset, record: dict) -> None:
+    """Stage a Dataset as ``arrays.npz`` and ``stage.json`` (its structure, ``record`` and the
+    completion mark). The JSON goes last: a writer killed before it leaves no finished stage."""
+    shutil.rmtree(folder, ignore_errors=True)  # a half-written attempt of a killed run
+    folder.mkdir(parents=True)
+    arrays, variables = {}, {}
+    for index, (name, var) in enumerate(ds.variables.items()):
+        described = {"dims": list(var.dims), "attrs": _jsonable(var.attrs), "coord": name in ds.coords}
+        if var.dtype.kind in "UOT":  # strings go into the JSON (npz would pickle them)
+            described["strings"] = var.values.tolist()
+        else:
+            described["array"] = key = f"a{index}"
+            arrays[key] = var.values
+        variables[str(name)] = described
+    _replace_with(folder / STAGE_ARRAYS, lambda f: np.savez(f, **arrays))
+    _replace_with(folder / STAGE_META, lambda f: f.write(json.dumps(
+        {**record, "variables": variables, COMPLETE: True}).encode()))
+
+
+def _read_stage(folder: Path) -> tuple[xr.Dataset, dict]:
+    record = json.loads((folder / STAGE_META).read_text())
+    data, coords = {}, {}
+    with np.load(folder / STAGE_ARRAYS, allow_pickle=False) as arrays:
+        for name, described in record.pop("variables").items():
+            values = (np.array(described["strings"], dtype=object) if "strings" in described
+                      else arrays[described["array"]])
+            (coords if described["coord"] else data)[name] = (described["dims"], values, described["attrs"])
+    return xr.Dataset(data, coords=coords), record
+
+
+def _replace_with(path: Path, write) -> None:
+    """Write a file under a temporary name, then rename it into place (atomic on POSIX)."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        write(f)
+    partial.replace(path)
 
 
 def _jsonable(value):

@@ -76,7 +76,7 @@ def test_a_killed_worker_has_its_point_retried_and_the_store_is_whole(write_spec
     runner.start()
     staged = tmp_path / "out.zarr" / "_cells"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(staged.glob("p*/eval/zarr.json")):
+    while time.time() < deadline and not list(staged.glob("p*/eval/stage.json")):
         time.sleep(0.05)
     workers = [p for p in multiprocessing.active_children() if p.is_alive()]
     assert workers, "no worker process to kill"
@@ -98,7 +98,7 @@ def test_sigint_on_the_coordinator_keeps_finished_cells_and_resumes(write_spec, 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     staged = tmp_path / "out.zarr" / "_cells"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(staged.glob("p*/eval/zarr.json"))) < 2:
+    while time.time() < deadline and len(list(staged.glob("p*/eval/stage.json"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

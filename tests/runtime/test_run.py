@@ -182,7 +182,8 @@ def test_killed_run_resumes_to_the_same_store(write_spec, tmp_path):
     staged = tmp_path / "out.zarr" / "_cells"
 
     def finished():
-        marks = [json.loads(p.read_text()).get("attributes", {}) for p in staged.glob("p*/eval/zarr.json")]
+        # stage.json is moved into place whole, so a readable one is a finished cell
+        marks = [json.loads(p.read_text()) for p in staged.glob("p*/eval/stage.json")]
         return sum(1 for m in marks if m.get("basinprobe_complete"))
 
     deadline = time.time() + 120
