@@ -112,8 +112,7 @@ class BehavioralGradients(Probe):
         select, outputs_label = _output_selection(params["outputs"], raw.shape[1])
         out = int(select(raw[:1]).shape[1])
 
-        def fn(p, x):
-            return select(functional_call(model, (p, buffers), (x,)).reshape(len(x), -1))
+        fn = jac.ModuleNetwork(model, buffers, select)
 
         n = ctx.n_params
         try:

@@ -20,6 +20,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_intra_op_thread():
+    """For tests of tiny models: intra-op threads only add synchronization there, and on an
+    oversubscribed 2-core machine OpenMP barriers made a single test 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def write_spec(tmp_path):
     """Write a spec (dedented YAML) into tmp_path and return its path."""
 

@@ -13,7 +13,12 @@ with the columns in the order of the parameter dict (the flat-vector order).
 Ways to build it, all on ``torch.func`` and chunked over inputs:
 
 - ``reverse``: ``vmap`` over inputs of ``jacrev`` of the single-input function,
-  one vectorized vjp per row; cost ∝ out backward passes per input.
+  one vectorized vjp per row; cost ∝ out backward passes per input. For a
+  :class:`ModuleNetwork` whose parameters all sit in ``nn.Linear`` layers, the
+  per-example-gradient identity instead (Goodfellow 2015): for z = a Wᵀ + b,
+  ``∂f_o(x_i)/∂W = δ_i ⊗ a_i`` and ``∂f_o(x_i)/∂b = δ_i`` with ``δ_i = ∂f_o(x_i)/∂z_i``;
+  inputs do not interact, so every ``δ_i`` comes from one backward pass of
+  ``Σ_i f_o(x_i)``, and the outer products are written straight into ``J``.
 - ``forward``: jvp columns, one vectorized jvp per parameter through each input
   chunk; cost ∝ n forward passes per input. Inputs are independent, so the
   choice is per input: forward only when ``n < out`` (:func:`choose_mode`).
@@ -51,7 +56,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch
-from torch.func import jacrev, jvp, vmap
+from torch.func import functional_call, jacrev, jvp, vmap
 
 NetworkFn = Callable[[dict, torch.Tensor], torch.Tensor]
 Params = dict  # name -> tensor, in flat-vector order
@@ -94,6 +99,65 @@ class Columns:
     def unflatten(self, flat: torch.Tensor) -> Params:
         pieces = torch.split(flat, self.numels)
         return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
+
+
+class ModuleNetwork:
+    """``fn(params, x)`` of an ``nn.Module``: its outputs flattened per input, then
+    ``select``-ed (e.g. one output, or their sum). Knowing the module lets
+    :func:`jacobian_block` use the per-example-gradient identity of its linear layers."""
+
+    def __init__(self, model: torch.nn.Module, buffers: dict | None = None,
+                 select: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.model = model
+        self.buffers = dict(model.named_buffers()) if buffers is None else buffers
+        self.select = select or (lambda outputs: outputs)
+        self.linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return self.select(functional_call(self.model, (params, self.buffers), (x,)).reshape(len(x), -1))
+
+    def linear_block(self, params: Params, X: torch.Tensor, cols: "Columns",
+                     allocate: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+        """The block of ``J`` on ``X`` by the per-example-gradient identity, or None when it
+        does not apply (a wanted tensor outside an ``nn.Linear``, a layer called more than
+        once or on inputs that are not ``(batch, features)``)."""
+        layers = []
+        for name in cols.names:
+            module, _, leaf = name.rpartition(".")
+            if module not in self.linears or leaf not in ("weight", "bias"):
+                return None
+            layers.append(module)
+        calls: dict[str, list] = {module: [] for module in dict.fromkeys(layers)}
+        handles = [self.linears[m].register_forward_hook(
+            lambda _, inputs, output, m=m: calls[m].append((inputs[0], output))) for m in calls]
+        try:
+            with torch.enable_grad():
+                wanted = {k: v.detach().requires_grad_(k in cols.names) for k, v in params.items()}
+                outputs = self(wanted, X)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(len(c) != 1 or c[0][0].dim() != 2 for c in calls.values()):
+            return None
+        k, out = outputs.shape
+        J = allocate(k * out)
+        per_input = J.view(k, out, cols.n)
+        modules = list(calls)
+        for o in range(out):
+            deltas = torch.autograd.grad(outputs[:, o].sum(), [calls[m][0][1] for m in modules],
+                                         retain_graph=o < out - 1, allow_unused=True)
+            delta_of = dict(zip(modules, deltas))
+            for name, module in zip(cols.names, layers):
+                delta = delta_of[module]
+                target = per_input[:, o, cols.slice(name)]
+                if delta is None:  # the layer does not reach this output
+                    target.zero_()
+                elif name.endswith("weight"):
+                    a = calls[module][0][0].detach()
+                    torch.mul(delta.unsqueeze(2), a.unsqueeze(1), out=target.view(k, delta.shape[1], a.shape[1]))
+                else:
+                    target.copy_(delta)
+        return J
 
 
 def _rows(fn: NetworkFn, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -252,6 +316,10 @@ def jacobian_block(fn: NetworkFn, params: Params, X: torch.Tensor, *, names: Seq
     """
     params = {name: t.detach() for name, t in params.items()}
     cols = Columns(params, names)
+    if mode == "reverse" and isinstance(fn, ModuleNetwork):
+        J = fn.linear_block(params, X, cols, lambda rows: _buffer(out, rows, cols.n, params))
+        if J is not None:
+            return J
     if mode == "reverse":
         sub = {name: params[name] for name in cols.names}
 

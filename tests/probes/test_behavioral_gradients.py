@@ -20,12 +20,6 @@ from basinprobe.runtime.testing import make_context, regression_data
 F64 = torch.float64
 PROBE = BehavioralGradients()
 
-# The first forward-mode AD of a process (torch.func.jvp, forward_ad.make_dual) imports
-# torch._decomp.decompositions_for_jvp, which registers 18 decompositions through the deprecated
-# torch.jit.script (torch 2.13): torch's own warning, not a call of ours.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning:torch.jit._script")
-
 
 def run(model, X, y=None, **with_):
     y = torch.zeros(len(X), model(X[:1]).shape[1], dtype=F64) if y is None else y

@@ -25,14 +25,7 @@ from basinprobe.runtime.models import make_deep_linear, make_mlp
 from basinprobe.runtime.testing import make_context, regression_data
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """These models are tiny: intra-op threads only add synchronization, and on an
-    oversubscribed 2-core machine OpenMP barriers made a single test 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def run(ctx, **params):

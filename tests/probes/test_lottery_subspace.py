@@ -36,13 +36,7 @@ from basinprobe.runtime.train import train
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny models: intra-op threads only add synchronization on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def run(ctx, **params):

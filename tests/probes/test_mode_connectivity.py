@@ -22,13 +22,7 @@ from basinprobe.runtime.substrate import interpolation, permutation
 from basinprobe.runtime.testing import make_context, regression_data
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny models: intra-op threads only add synchronization on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def group(cells: list[tuple[dict, object]], spanned: list[str]) -> GroupContext:

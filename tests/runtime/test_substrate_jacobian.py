@@ -5,16 +5,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from basinprobe.runtime.models import make_mlp
+from basinprobe.runtime.models import make_deep_linear, make_mlp
 from basinprobe.runtime.substrate import activations as acts
 from basinprobe.runtime.substrate import jacobian as jac
 
 F64 = torch.float64
-
-# torch's first forward-mode AD in a process scripts its jvp decompositions with the deprecated
-# torch.jit.script (torch/_decomp/decompositions_for_jvp.py, torch 2.13): not a call of ours.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning:torch.jit._script")
 
 
 def mlp_case(inp=3, hidden=(5, 4), out=2, k=10, activation="tanh", seed=0):
@@ -43,6 +38,43 @@ def test_jacobian_rows_are_the_autograd_gradients_of_each_output(mode, chunk):
     J = jac.jacobian(fn, params, X, chunk=chunk, mode=mode)
     assert J.shape == (10 * 2, sum(p.numel() for p in params.values()))
     torch.testing.assert_close(J, autograd_rows(model, X), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("chunk", [3, 10])
+def test_per_example_identity_of_linear_layers_gives_the_autograd_rows(activation, chunk):
+    """∂f_o(x_i)/∂W = δ_i ⊗ a_i, ∂f_o(x_i)/∂b = δ_i, all δ_i from one backward of Σ_i f_o(x_i)."""
+    model, params, _, X = mlp_case(activation=activation)
+    net = jac.ModuleNetwork(model)
+    J = jac.jacobian(net, params, X, chunk=chunk)
+    torch.testing.assert_close(J, autograd_rows(model, X), rtol=1e-12, atol=1e-13)
+    name = "2.weight"
+    torch.testing.assert_close(jac.jacobian(net, params, X, chunk=chunk, names=[name]),
+                               J[:, jac.Columns(params).slice(name)], rtol=0, atol=0)
+
+
+def test_per_example_identity_agrees_with_vmap_on_selected_outputs_and_deep_linear_nets():
+    torch.manual_seed(1)
+    model = make_deep_linear(widths=[4, 3, 2]).to(F64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    X = torch.randn(9, 4, dtype=F64)
+    for select in (lambda y: y[:, [1]], lambda y: y.sum(dim=1, keepdim=True)):
+        net = jac.ModuleNetwork(model, select=select)
+        torch.testing.assert_close(jac.jacobian(net, params, X, chunk=4),
+                                   jac.jacobian(lambda p, x: net(p, x), params, X, chunk=4), rtol=1e-12, atol=1e-13)
+
+
+def test_a_layer_used_twice_falls_back_to_vmap():
+    """Weight sharing breaks the one-call-per-layer identity; the result must still be right."""
+    torch.manual_seed(2)
+    layer = nn.Linear(3, 3).to(F64)
+    model = nn.Sequential(layer, nn.Tanh(), layer).to(F64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    X = torch.randn(5, 3, dtype=F64)
+    net = jac.ModuleNetwork(model)
+    assert net.linear_block(params, X, jac.Columns(params), lambda rows: torch.empty(rows, 12, dtype=F64)) is None
+    torch.testing.assert_close(jac.jacobian(net, params, X, chunk=5),
+                               jac.jacobian(lambda p, x: net(p, x), params, X, chunk=5), rtol=1e-12, atol=1e-13)
 
 
 def test_jacobian_of_a_linear_map_has_rows_e_o_kron_x():

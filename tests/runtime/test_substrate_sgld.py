@@ -24,14 +24,7 @@ from basinprobe.runtime.substrate.diagnostics import effective_sample_size, spli
 from basinprobe.runtime.testing import make_context, regression_data
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """These models are tiny: intra-op threads only add synchronization, and on an
-    oversubscribed 2-core machine OpenMP barriers made a single test 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # Quadratic case: data covariance eigenvalues s, so H = 2XᵀX/n has eigenvalues h = 2s.
 SPECTRUM = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.05, 0.025], dtype=torch.float64)
