@@ -26,7 +26,6 @@ import argparse
 import copy
 import itertools
 import math
-import statistics
 import time
 import warnings
 
@@ -36,6 +35,7 @@ from basinprobe.runtime.losses import mse
 from basinprobe.runtime.models import make_mlp
 from basinprobe.runtime.substrate import sgld
 from basinprobe.runtime.testing import make_context, regression_data
+from timing import sync, timed
 
 SMALL = {"in": 32, "hidden": [128, 48], "out": 1}          # 10,465 parameters
 LARGE = {"in": 256, "hidden": [1024, 768], "out": 1}       # 1,051,905 parameters
@@ -54,23 +54,6 @@ def posterior_for(ctx, compile: bool = False) -> sgld.LocalPosterior:
     n = len(ctx.data.X_train)
     return sgld.LocalPosterior(ctx.forward, ctx.loss_fn, ctx.data.X_train, ctx.data.y_train, ctx.flat_params,
                                nbeta=n / math.log(n), localization=1.0, compile=compile)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()                                   # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class DevinterpStyleSGLD(torch.optim.Optimizer):

@@ -23,8 +23,6 @@ comparison runs on the GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -35,6 +33,7 @@ from basinprobe.runtime.substrate import permutation
 from basinprobe.runtime.substrate.evaluation import stacked_loss_and_accuracy
 from basinprobe.runtime.substrate.interpolation import linear_path
 from basinprobe.runtime.testing import make_context
+from timing import sync, timed
 
 POINTS = 25
 HIDDEN = {"small": [32, 32], "wide": [128, 128]}
@@ -51,23 +50,6 @@ def setup(device: str, hidden: list[int], dtype=torch.float32):
     torch.manual_seed(1)
     other = make_context(make_mlp(**widths), data, cross_entropy, dtype=dtype, device=device, batch_size=256)
     return ctx, other
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()                                   # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def compare(device: str, hidden: list[int], repeats: int = 7) -> None:
