@@ -70,7 +70,9 @@ class _Krylov:
 
     def __init__(self, matvec: Callable, n: int, size: int, dtype, device, generator: torch.Generator):
         self.matvec, self.n, self.generator = matvec, n, generator
-        self.V = torch.zeros(size + 1, n, dtype=dtype, device=device)
+        # empty, not zeros: every row is written before it is read, and zeroing a basis sized for
+        # restarts touches far more memory than a run that converges early uses
+        self.V = torch.empty(size + 1, n, dtype=dtype, device=device)
         self.T = torch.zeros(size + 1, size + 1, dtype=torch.float64)
         self.j = 0          # products computed for rows 0..j-1; row j is the pending vector
         self.residual = None  # f_j, orthogonal to the basis
