@@ -19,15 +19,15 @@ losses of the outputs (MSE, cross-entropy).
 
 Formulation. The gradient graph is built once per operator (``create_graph=True``)
 and kept; each product is then one backward pass through it (double backward).
-Measured on the 26k-parameter MLP of ``tests/benchmarks/bench_curvature.py``
-(2-core CPU, torch 2.13, float32): gradient 3.6 ms, cached double backward 5.8-6.4 ms,
-double backward rebuilding the graph 9.5 ms, ``torch.func`` reverse-over-reverse
-13.0 ms, forward-over-reverse 16.2 ms; so the cached graph is the default, and
+Measured on the trained 26k-parameter MLP of ``tests/benchmarks/bench_curvature.py``
+(2-core CPU, torch 2.13, float64): gradient 8.8 ms, cached double backward 12.3 ms,
+double backward rebuilding the graph 20.8 ms, ``torch.func`` reverse-over-reverse
+23.6 ms, forward-over-reverse 26.3 ms; so the cached graph is the default, and
 ``cache=False`` (rebuild per product, memory of one batch) is the fallback for data
 that do not fit. J v for the GGN uses the double-vjp trick (J v = ∂/∂u ⟨Jᵀu, v⟩)
 on the same cached graph. A block of vectors is pushed through the graph in one
 batched backward (``is_grads_batched``, a vmap over the backward pass) on CUDA; on
-CPU that measured 1.0-1.4x slower per vector than a loop, so there it loops.
+CPU that measured 1.2x slower per vector than a loop (14.5 vs 12.3 ms), so there it loops.
 
 Stacked models. Given parameters Θ of shape (m, n), one row per model of the same
 architecture (batched cells: seeds, checkpoints), the operator is that of
