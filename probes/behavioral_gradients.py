@@ -119,7 +119,7 @@ class BehavioralGradients(Probe):
             plan = jac.plan_jacobian(k, out, n, acts=jac.activation_numel(fn, theta, X),
                                      itemsize=torch.finfo(dtype).bits // 8,
                                      memory_bytes=int(params["memory_mb"] * 2**20), chunk=params["chunk"],
-                                     device=ctx.device)
+                                     device=ctx.device, in_place=fn.per_example_identity(theta, X))
         except MemoryError as exc:
             raise ProbeError(f"{exc}; lower `inputs`, choose fewer `outputs` (a list, or sum) or raise "
                              "`memory_mb`") from None

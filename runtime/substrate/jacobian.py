@@ -116,11 +116,15 @@ class ModuleNetwork:
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self.select(functional_call(self.model, (params, self.buffers), (x,)).reshape(len(x), -1))
 
-    def linear_block(self, params: Params, X: torch.Tensor, cols: "Columns",
-                     allocate: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
-        """The block of ``J`` on ``X`` by the per-example-gradient identity, or None when it
-        does not apply (a wanted tensor outside an ``nn.Linear``, a layer called more than
-        once or on inputs that are not ``(batch, features)``)."""
+    def per_example_identity(self, params: Params, X: torch.Tensor, names: Sequence[str] | None = None) -> bool:
+        """Whether :meth:`linear_block` applies to these tensors (tried on one input)."""
+        return self._linear_forward({k: v.detach() for k, v in params.items()}, X[:1], Columns(params, names)) is not None
+
+    def _linear_forward(self, params: Params, X: torch.Tensor, cols: "Columns"):
+        """``(outputs, calls, layers)`` of a forward pass that records each wanted layer's
+        input and output, or None when the identity does not apply (a wanted tensor
+        outside an ``nn.Linear``, a layer called more than once or on inputs that are
+        not ``(batch, features)``)."""
         layers = []
         for name in cols.names:
             module, _, leaf = name.rpartition(".")
@@ -139,6 +143,16 @@ class ModuleNetwork:
                 handle.remove()
         if any(len(c) != 1 or c[0][0].dim() != 2 for c in calls.values()):
             return None
+        return outputs, calls, layers
+
+    def linear_block(self, params: Params, X: torch.Tensor, cols: "Columns",
+                     allocate: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+        """The block of ``J`` on ``X`` by the per-example-gradient identity, or None when it
+        does not apply (see :meth:`_linear_forward`)."""
+        recorded = self._linear_forward(params, X, cols)
+        if recorded is None:
+            return None
+        outputs, calls, layers = recorded
         k, out = outputs.shape
         J = allocate(k * out)
         per_input = J.view(k, out, cols.n)
@@ -242,12 +256,15 @@ def plan_jacobian(k: int, out: int, n: int, *, acts: int, itemsize: int,
                   memory_bytes: int = DEFAULT_MEMORY_BYTES, chunk: int | None = None,
                   mode: Literal["auto", "reverse", "forward"] = "auto",
                   path: Literal["auto", "direct", "gram"] = "auto",
-                  device: torch.device | str = "cpu") -> JacobianPlan:
+                  device: torch.device | str = "cpu", in_place: bool = False) -> JacobianPlan:
     """Pick the path and chunk sizes for ``k`` inputs, ``out`` outputs each, ``n`` parameters.
 
     ``direct`` when J and the copy that its SVD takes fit the budget, else the
     Gram matrix on the smaller side. Raises ``MemoryError`` when even the Gram
     matrix (and its eigendecomposition) does not fit. A given ``chunk`` is used as is.
+    ``in_place``: the network writes its blocks straight into ``J``
+    (:meth:`ModuleNetwork.per_example_identity`), so a direct chunk costs only its
+    activations and cotangents, and one chunk of all inputs spares per-chunk passes.
     """
     rows = k * out
     mode = choose_mode(n, out) if mode == "auto" else mode
@@ -268,6 +285,11 @@ def plan_jacobian(k: int, out: int, n: int, *, acts: int, itemsize: int,
     if path == "auto":
         path = "direct" if 2 * j_bytes + cost(1) <= memory_bytes else "gram"
     if path == "direct":
+        if in_place and mode == "reverse":
+            def cotangents(c):
+                return c * (acts + out * acts) * item
+            c = chunk or _largest_chunk(cotangents, memory_bytes - 2 * j_bytes, k)
+            return JacobianPlan("direct", mode, c, rows, n, bytes=2 * j_bytes + cotangents(c))
         c = fit(memory_bytes - 2 * j_bytes)
         return JacobianPlan("direct", mode, c, rows, n, bytes=2 * j_bytes + cost(c))
 

@@ -63,7 +63,11 @@ def bench_vmap_vs_loop(dtype, repeats):
     model, params, fn = mlp(64, [256, 128], 1, dtype)
     X = torch.randn(512, 64, dtype=dtype)
     n = sum(p.numel() for p in params.values())
-    plan = jac.plan_jacobian(512, 1, n, acts=jac.activation_numel(fn, params, X), itemsize=X.element_size())
+    acts = jac.activation_numel(fn, params, X)
+    plan = jac.plan_jacobian(512, 1, n, acts=acts, itemsize=X.element_size())
+    network = jac.ModuleNetwork(model)  # what the probe passes: per-example identity of its Linear layers
+    in_place = jac.plan_jacobian(512, 1, n, acts=acts, itemsize=X.element_size(),
+                                 in_place=network.per_example_identity(params, X))
     buffer_loop = torch.zeros(512, n, dtype=dtype)
     buffer_vmap = torch.zeros(512, n, dtype=dtype)
 
@@ -75,13 +79,11 @@ def bench_vmap_vs_loop(dtype, repeats):
             torch.cat([g.reshape(-1) for g in grads], out=J[i])
         return J
 
-    network = jac.ModuleNetwork(model)  # what the probe passes: per-example identity of its Linear layers
-
     def vmapped(out=None):
         return jac.jacobian(fn, params, X, chunk=plan.chunk, mode=plan.mode, out=out)
 
     def per_example(out=None):
-        return jac.jacobian(network, params, X, chunk=plan.chunk, mode=plan.mode, out=out)
+        return jac.jacobian(network, params, X, chunk=in_place.chunk, mode=in_place.mode, out=out)
 
     reference = loop()
     err = max(float((reference - vmapped()).abs().max()), float((reference - per_example()).abs().max()))
@@ -90,7 +92,7 @@ def bench_vmap_vs_loop(dtype, repeats):
         "loop reused": lambda: loop(buffer_loop), "vmap reused": lambda: vmapped(buffer_vmap),
         "linear reused": lambda: per_example(buffer_vmap),
     }, repeats)
-    print(f"\n[1] Jacobian 512 x {n} ({str(dtype)[6:]}), chunk {plan.chunk}, max |J - J_loop| = {err:.1e}")
+    print(f"\n[1] Jacobian 512 x {n} ({str(dtype)[6:]}), chunk {plan.chunk} (linear: {in_place.chunk}), max |J - J_loop| = {err:.1e}")
     print(f"    {'':14s}{'wall s':>9s}{'cpu s':>9s}   (linear: the per-example identity the probe uses)")
     for name, (wall, cpu) in times.items():
         print(f"    {name:14s}{wall:9.3f}{cpu:9.3f}")

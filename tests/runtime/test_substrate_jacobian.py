@@ -73,6 +73,7 @@ def test_a_layer_used_twice_falls_back_to_vmap():
     X = torch.randn(5, 3, dtype=F64)
     net = jac.ModuleNetwork(model)
     assert net.linear_block(params, X, jac.Columns(params), lambda rows: torch.empty(rows, 12, dtype=F64)) is None
+    assert not net.per_example_identity(params, X)
     torch.testing.assert_close(jac.jacobian(net, params, X, chunk=5),
                                jac.jacobian(lambda p, x: net(p, x), params, X, chunk=5), rtol=1e-12, atol=1e-13)
 
@@ -166,6 +167,21 @@ def test_plan_takes_j_when_it_fits_and_the_smaller_gram_when_it_does_not():
     assert tall.bytes <= 256 << 20
     with pytest.raises(MemoryError, match="Gram matrix"):
         jac.plan_jacobian(50_000, 10, 50_000, acts=500, itemsize=8, memory_bytes=256 << 20)
+
+
+def test_in_place_blocks_take_all_inputs_in_one_chunk_where_copied_blocks_are_capped():
+    torch.manual_seed(3)
+    model = make_deep_linear(widths=[4, 3, 2]).to(F64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    assert jac.ModuleNetwork(model).per_example_identity(params, torch.randn(2, 4, dtype=F64))
+    copied = jac.plan_jacobian(512, 1, 50_000, acts=500, itemsize=8, memory_bytes=1 << 30)
+    in_place = jac.plan_jacobian(512, 1, 50_000, acts=500, itemsize=8, memory_bytes=1 << 30, in_place=True)
+    assert copied.chunk * 50_000 * 8 <= jac.CPU_BLOCK_BYTES
+    assert (in_place.path, in_place.chunk) == ("direct", 512) and in_place.bytes <= 1 << 30
+    # the budget still bounds the cotangents: 2 J's of 195 MiB leave 10 MiB for ~1000 numbers per input
+    tight = jac.plan_jacobian(512, 1, 50_000, acts=500, itemsize=8, memory_bytes=int(2.1 * 512 * 50_000 * 8 / 0.9),
+                              in_place=True)
+    assert tight.path == "direct" and tight.bytes <= int(2.1 * 512 * 50_000 * 8)
 
 
 def test_planned_chunk_keeps_the_modelled_block_within_the_budget():
