@@ -132,6 +132,18 @@ def test_same_seed_gives_bit_identical_chains():
     assert not torch.equal(runs[0].loss, other.loss)
 
 
+@pytest.mark.parametrize("sampler", ["sgld", "mala"])
+def test_noise_drawn_ahead_on_a_helper_thread_is_the_noise_drawn_in_line(monkeypatch, sampler):
+    post, _, _ = quadratic_posterior()
+    batch = 16 if sampler == "sgld" else None
+    runs = []
+    for prefetch in (True, False):
+        monkeypatch.setattr(sgld, "PREFETCH_NOISE", prefetch)
+        runs.append(sgld.sample(post, step_size=0.02, chains=3, draws=40, thin=2, batch_size=batch, seed=[5],
+                                sampler=sampler, keep_samples=True))
+    assert torch.equal(runs[0].samples, runs[1].samples) and torch.equal(runs[0].loss, runs[1].loss)
+
+
 def test_chunked_and_minibatch_gradients_equal_the_full_batch_gradient(monkeypatch):
     post, _, _ = quadratic_posterior(n=60)
     w = post.center + 0.1 * torch.randn(5, post.d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
