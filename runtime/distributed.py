@@ -85,6 +85,23 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
     return report.done, report.failures
 
 
+def _start_method(device: str) -> str:
+    """How a LocalCluster starts its worker processes.
+
+    ``fork`` on CPU: the workers inherit the coordinator's imported torch and basinprobe
+    instead of importing them again, which took a 2-worker cluster from 6.3 s to 2.1 s
+    to start here. ``spawn`` (dask's default) when the work goes to a GPU or CUDA is
+    already initialized, because a forked child cannot use its parent's CUDA state.
+    """
+    from basinprobe.runtime.build import BuildError, resolve_device
+
+    try:
+        on_cpu = resolve_device(device).type == "cpu"
+    except BuildError:   # reported where the device is built
+        on_cpu = False
+    return "fork" if on_cpu and not torch.cuda.is_initialized() else "spawn"
+
+
 class DaskCells:
     """A connection to a cluster that runs the sweep points of one spec."""
 
@@ -105,8 +122,11 @@ class DaskCells:
             else:
                 gpus = torch.cuda.device_count()
                 workers = int(execution.get("workers") or gpus or 2)
-                cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                                                   dashboard_address=None)
+                import dask
+
+                with dask.config.set({"distributed.worker.multiprocessing-method": _start_method(device)}):
+                    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads,
+                                                       processes=True, dashboard_address=None)
                 client = distributed.Client(cluster, timeout=timeout)
         except (OSError, TimeoutError, RuntimeError) as exc:
             raise ExecutorError(f"cannot reach the dask scheduler {address or '(local)'} within {timeout:g} s: "
