@@ -22,7 +22,7 @@ from basinprobe.registry import ProbeError
 from basinprobe.runtime.execute import check_result
 from basinprobe.runtime.losses import mse
 from basinprobe.runtime.models import make_deep_linear, make_mlp
-from basinprobe.runtime.testing import make_context, regression_data
+from basinprobe.runtime.testing import fit, make_context, regression_data
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -291,11 +291,7 @@ def _tanh_network_data_and_minima(seeds: tuple, n: int):
     for seed in seeds:
         torch.manual_seed(seed)
         model = make_mlp(**{"in": 2, "hidden": [4], "out": 1, "activation": "tanh"}).double()
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
-        for _ in range(300):
-            optimizer.zero_grad()
-            mse(model(X), y).backward()
-            optimizer.step()
+        fit(model, X, y, mse, steps=300, lr=0.03)
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return X, y, states
 

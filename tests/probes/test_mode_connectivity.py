@@ -19,7 +19,7 @@ from basinprobe.runtime.losses import mse
 from basinprobe.runtime.models import make_deep_linear, make_mlp
 from basinprobe.runtime.spec import SpecError, load_spec
 from basinprobe.runtime.substrate import interpolation, permutation
-from basinprobe.runtime.testing import make_context, regression_data
+from basinprobe.runtime.testing import fit, make_context, regression_data
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -55,12 +55,7 @@ def trained_mlp(seed: int = 0):
                                                                                                    dtype=torch.float64)
     torch.manual_seed(seed)
     model = make_mlp(**{"in": 4, "hidden": [16], "out": 1, "activation": "tanh"}).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(300):
-        optimizer.zero_grad()
-        mse(model(X), y).backward()
-        optimizer.step()
-    return model, regression_data(X, y)
+    return fit(model, X, y, mse, steps=300, lr=0.02), regression_data(X, y)
 
 
 # --- barriers: formulas and closed forms --------------------------------------------------------
