@@ -30,6 +30,7 @@ import xarray as xr
 from basinprobe.registry import Probe, ProbeError
 from basinprobe.runtime.spec import OptimizerSpec
 from basinprobe.runtime.substrate import pruning, subspace
+from basinprobe.runtime.substrate.curvature import choose_method
 from basinprobe.runtime.substrate.evaluation import stacked_loss_and_accuracy
 
 BASES = ("random", "hessian", "trajectory", "gradient")
@@ -391,16 +392,7 @@ class LotterySubspace(Probe):
 def _eigen(ctx, params, k: int, at: int | None):
     """Top-k eigenpairs from the curvature engine, shared with any probe asking the same of the cell."""
     return ctx.artifact("hessian.eigen", k=k, which="top", operator=params["curvature"], at=at,
-                        method=_eigensolver(params, k, ctx.n_params))
-
-
-def _eigensolver(params, k: int, n: int) -> str:
-    """Lanczos needs about 4k + 30 curvature products, the dense matrix n of them: for the few top
-    eigenvectors asked for here (at every checkpoint, for stability), Lanczos unless k is a sizeable
-    fraction of n."""
-    if params["eigensolver"] != "auto":
-        return params["eigensolver"]
-    return "lanczos" if 10 * k + 100 < n else "dense"
+                        method=choose_method(params["eigensolver"], ctx.n_params, k, extremes_only=True))
 
 
 def _generator(ctx, stream: int) -> torch.Generator:

@@ -317,3 +317,17 @@ def test_stacked_quadrature_and_slq_equal_the_one_operator_runs_also_with_early_
         alone = slq(lambda x, a=a: a @ x, n, 4, 8, torch.Generator().manual_seed(s))
         assert q.matvecs == alone.matvecs
         assert torch.allclose(q.nodes, alone.nodes, atol=1e-12) and torch.allclose(q.weights, alone.weights, atol=1e-12)
+
+
+def test_auto_method_forms_the_matrix_for_a_whole_spectrum_but_counts_products_for_extremes():
+    from basinprobe.runtime.substrate.curvature import DENSE_THRESHOLD, choose_method
+
+    assert choose_method("auto", DENSE_THRESHOLD, 20) == "dense"
+    assert choose_method("auto", DENSE_THRESHOLD + 1, 20) == "lanczos"
+    assert choose_method("auto", 50, 60) == "dense"                        # more pairs than parameters
+    # only k extreme pairs: Lanczos (~4k + 30 products) unless the n columns are fewer than 10k + 100
+    assert choose_method("auto", 1000, 5, extremes_only=True) == "lanczos"
+    assert choose_method("auto", 140, 5, extremes_only=True) == "dense"
+    assert choose_method("lanczos", 10, 5, extremes_only=True) == "lanczos"  # a named method is kept
+    with pytest.raises(ValueError, match="method must be"):
+        choose_method("arpack", 10)
