@@ -118,7 +118,8 @@ class ModuleNetwork:
 
     def per_example_identity(self, params: Params, X: torch.Tensor, names: Sequence[str] | None = None) -> bool:
         """Whether :meth:`linear_block` applies to these tensors (tried on one input)."""
-        return self._linear_forward({k: v.detach() for k, v in params.items()}, X[:1], Columns(params, names)) is not None
+        detached = {k: v.detach() for k, v in params.items()}
+        return self._linear_forward(detached, X[:1], Columns(params, names)) is not None
 
     def _linear_forward(self, params: Params, X: torch.Tensor, cols: "Columns"):
         """``(outputs, calls, layers)`` of a forward pass that records each wanted layer's

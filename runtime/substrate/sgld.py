@@ -370,7 +370,8 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
             grad_U = None if plain else posterior.potential_grad(loss_grad, w, anchor)
             if plain:
                 spare = states[1] if w.data_ptr() == states[0].data_ptr() else states[0]
-                proposal = torch.addcmul(pull, keep, w, out=spare).addcmul_(push, loss_grad).addcmul_(sqrt_eps, xi)
+                proposal = (torch.addcmul(pull, keep, w, out=spare)
+                            .addcmul_(push, loss_grad).addcmul_(sqrt_eps, xi))
             elif rmsprop:
                 if adapt_steps is None or t < adapt_steps:
                     square_avg.mul_(RMSPROP_ALPHA).addcmul_(loss_grad, loss_grad, value=1 - RMSPROP_ALPHA)

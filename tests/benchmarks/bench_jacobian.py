@@ -92,7 +92,8 @@ def bench_vmap_vs_loop(dtype, repeats):
         "loop reused": lambda: loop(buffer_loop), "vmap reused": lambda: vmapped(buffer_vmap),
         "linear reused": lambda: per_example(buffer_vmap),
     }, repeats)
-    print(f"\n[1] Jacobian 512 x {n} ({str(dtype)[6:]}), chunk {plan.chunk} (linear: {in_place.chunk}), max |J - J_loop| = {err:.1e}")
+    print(f"\n[1] Jacobian 512 x {n} ({str(dtype)[6:]}), chunk {plan.chunk} (linear: {in_place.chunk}), "
+          f"max |J - J_loop| = {err:.1e}")
     print(f"    {'':14s}{'wall s':>9s}{'cpu s':>9s}   (linear: the per-example identity the probe uses)")
     for name, (wall, cpu) in times.items():
         print(f"    {name:14s}{wall:9.3f}{cpu:9.3f}")
