@@ -240,7 +240,7 @@ def choose_mode(n: int, out: int) -> Literal["reverse", "forward"]:
 
 
 FORWARD_COLUMNS = 64  # one-hot tangents pushed at once in forward mode
-ALLOCATOR_SLACK = 0.1  # share of the budget left out of the plan (measured in bench_jacobian.py)
+ALLOCATOR_SLACK = 0.2  # share of the budget left out of the plan (measured in bench_jacobian.py)
 
 
 def block_bytes(mode: str, chunk: int, out: int, n: int, acts: int, item: int) -> int:
