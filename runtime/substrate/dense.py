@@ -12,7 +12,8 @@ Gauss-Newton: G = A I through the GGN operator's products, one column per produc
 Either is symmetrized, (M + Mᵀ)/2, before ``torch.linalg.eigh``.
 
 The ``hessian.dense`` artifact forms the matrix from the operator's products
-(:func:`dense_operator`), which measured 2.8x faster than the jvp-of-jacrev columns on a
+(:func:`dense_operator`; columns a block at a time over stacked copies of the model), which
+measured 2.8x faster than the jvp-of-jacrev columns, before the copies, on a
 387-parameter MLP on CPU; :func:`dense_hessian` is the independent reference.
 
 Below ``DENSE_THRESHOLD`` parameters this is cheaper and exact, so the curvature
@@ -27,6 +28,12 @@ import torch
 from torch.func import jacrev, jvp, vmap
 
 from basinprobe.runtime.substrate.hvp import CurvatureOperator, loss_batches
+
+# The columns of one model's Hessian on CPU are taken REPLICA_ROWS / n_examples at a time (at most
+# MAX_REPLICAS) as products of a stack of copies of the model: one double backward through a graph
+# of that many examples replaces as many small ones (see dense_operator).
+REPLICA_ROWS = 8192
+MAX_REPLICAS = 32
 
 # n_params at or below which "auto" forms the matrix: eigh of 1500 x 1500 takes ~0.5 s
 # on one CPU core, and the matrix 18 MB in float64.
@@ -65,11 +72,38 @@ def dense_hessian(ctx, params: torch.Tensor | None = None, split: str = "train",
 
 def dense_operator(op: CurvatureOperator, chunk_size: int = 64) -> torch.Tensor:
     """The n x n matrix of a curvature operator, from its products with the identity
-    ((m, n, n) for stacked models)."""
+    ((m, n, n) for stacked models).
+
+    For one model's Hessian on CPU, c columns at a time are the product of a stack of c
+    copies of the model with c unit vectors (c from ``REPLICA_ROWS``): the same arithmetic
+    as c products, in one pass of larger kernels. Against one product per column (tanh
+    MLPs, float64, torch 2.13, 2 CPU threads): 2.8x faster for 387 and 1443 parameters on
+    192-256 examples (32 copies), 1.7-1.8x for 1443-1667 parameters on 1024-2048 examples
+    (4-8 copies).
+    """
+    copies = min(MAX_REPLICAS, op.n, REPLICA_ROWS // max(op.n_examples, 1))
+    if not op.stacked and op.kind == "hessian" and op.device.type == "cpu" and copies > 1:
+        try:
+            return _replicated_columns(op, copies)
+        except RuntimeError:
+            pass  # a model vmap cannot stack (e.g. one that reads a tensor's value): a product a column
     eye = torch.eye(op.n, dtype=op.dtype, device=op.device)
     if op.stacked:
         eye = eye.expand(op.params.shape[0], op.n, op.n)
     return torch.cat([op.matmat(eye[..., i:i + chunk_size]) for i in range(0, op.n, chunk_size)], dim=-1)
+
+
+def _replicated_columns(op: CurvatureOperator, copies: int) -> torch.Tensor:
+    stack = op.replicated(copies)
+    H = torch.empty(op.n, op.n, dtype=op.dtype, device=op.device)
+    picks = torch.arange(copies, device=op.device)
+    for start in range(0, op.n, copies):
+        width = min(copies, op.n - start)
+        units = torch.zeros(copies, op.n, dtype=op.dtype, device=op.device)
+        units[picks[:width], start + picks[:width]] = 1.0
+        H[:, start:start + width] = stack.matvec(units)[:width].T
+    op.count += op.n
+    return H
 
 
 def spectrum(matrix: torch.Tensor, matvecs: int) -> DenseSpectrum:

@@ -88,6 +88,7 @@ class CurvatureOperator:
         self.dtype, self.device = ctx.dtype, ctx.device
         self.split = split
         self.data = loss_batches(ctx, split, batches, batch_size)
+        self._batching = (batches, batch_size)
         self.n_examples = sum(len(xb) for xb, _, _ in self.data)
         self.cache = cache
         self.count = 0
@@ -146,6 +147,14 @@ class CurvatureOperator:
             return torch.stack([self.matvec(V[..., j]) for j in range(V.shape[-1])], dim=-1)
         self.count += V.shape[-1]
         return self._apply(V.movedim(-1, 0).contiguous(), batched=True).movedim(0, -1)
+
+    def replicated(self, copies: int) -> "CurvatureOperator":
+        """The same operator over ``copies`` stacked copies of this model's parameters: one
+        product then takes ``copies`` vectors through a single (larger) autograd graph."""
+        if self.stacked:
+            raise ValueError("replicated() takes the operator of one model, not of stacked models")
+        params = self.params.expand(copies, self.n).contiguous()
+        return type(self)(self.ctx, params, self.split, *self._batching, cache=self.cache)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)

@@ -113,6 +113,42 @@ def test_dense_hessian_is_torch_func_hessian_also_for_mse_and_minibatches():
     assert torch.allclose(dense_operator(curvature_operator(ctx), chunk_size=4), H, atol=1e-12)
 
 
+@pytest.mark.parametrize("replica_rows", [1, 40 * 3, 40 * 64])   # one product a column; 3 and 32 copies
+def test_dense_hessian_from_replicated_models_is_the_column_by_column_matrix(monkeypatch, replica_rows):
+    import basinprobe.runtime.substrate.dense as dense
+
+    g = torch.Generator().manual_seed(6)
+    X, y = torch.randn(40, 3, generator=g, dtype=F64), torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(6)
+    ctx = make_context(make_mlp(**{"in": 3, "hidden": [5], "out": 3, "activation": "tanh"}),
+                       Dataset(X, y, X[:0], y[:0], task="classification", n_classes=3), cross_entropy)
+    monkeypatch.setattr(dense, "REPLICA_ROWS", replica_rows)
+    op = curvature_operator(ctx, batches=2, batch_size=16)     # two batches, weights 16/32 each
+    H = dense_operator(op)
+    assert op.count == ctx.n_params
+    exact = torch.func.hessian(lambda t: ctx.loss_fn(ctx.forward(t, X[:32]), y[:32]))(ctx.flat_params)
+    assert torch.allclose(H, exact, atol=1e-12)
+
+
+def test_a_model_that_cannot_be_stacked_gets_its_dense_hessian_a_column_at_a_time():
+    class ReadsAValue(torch.nn.Module):   # .item() has no batched rule under vmap
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp(**{"in": 3, "hidden": [4], "out": 2, "activation": "tanh"})
+
+        def forward(self, x):
+            out = self.net(x)
+            return out if out.abs().max().item() < 1e6 else out.clamp(-1e6, 1e6)
+
+    g = torch.Generator().manual_seed(7)
+    X, y = torch.randn(30, 3, generator=g, dtype=F64), torch.randn(30, 2, generator=g, dtype=F64)
+    torch.manual_seed(7)
+    ctx = make_context(ReadsAValue(), regression_data(X, y), mse)
+    with pytest.raises(RuntimeError):
+        curvature_operator(ctx).replicated(4)
+    assert torch.allclose(dense_operator(curvature_operator(ctx)), func_hessian(ctx), atol=1e-12)
+
+
 # --- Lanczos --------------------------------------------------------------------------------
 
 def test_lanczos_top_and_bottom_eigenpairs_of_a_known_spectrum():
