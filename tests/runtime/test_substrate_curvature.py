@@ -113,8 +113,9 @@ def test_dense_hessian_is_torch_func_hessian_also_for_mse_and_minibatches():
     assert torch.allclose(dense_operator(curvature_operator(ctx), chunk_size=4), H, atol=1e-12)
 
 
-@pytest.mark.parametrize("replica_rows", [1, 40 * 3, 40 * 64])   # one product a column; 3 and 32 copies
-def test_dense_hessian_from_replicated_models_is_the_column_by_column_matrix(monkeypatch, replica_rows):
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+@pytest.mark.parametrize("replica_rows", [40 * 3, 40 * 64])   # 3 and 32 copies of the model
+def test_dense_matrix_from_replicated_models_is_the_column_by_column_matrix(monkeypatch, replica_rows, operator):
     import basinprobe.runtime.substrate.dense as dense
 
     g = torch.Generator().manual_seed(6)
@@ -122,12 +123,18 @@ def test_dense_hessian_from_replicated_models_is_the_column_by_column_matrix(mon
     torch.manual_seed(6)
     ctx = make_context(make_mlp(**{"in": 3, "hidden": [5], "out": 3, "activation": "tanh"}),
                        Dataset(X, y, X[:0], y[:0], task="classification", n_classes=3), cross_entropy)
-    monkeypatch.setattr(dense, "REPLICA_ROWS", replica_rows)
-    op = curvature_operator(ctx, batches=2, batch_size=16)     # two batches, weights 16/32 each
-    H = dense_operator(op)
-    assert op.count == ctx.n_params
-    exact = torch.func.hessian(lambda t: ctx.loss_fn(ctx.forward(t, X[:32]), y[:32]))(ctx.flat_params)
-    assert torch.allclose(H, exact, atol=1e-12)
+
+    def matrix(rows):
+        monkeypatch.setattr(dense, "REPLICA_ROWS", rows)
+        op = curvature_operator(ctx, operator, batches=2, batch_size=16)     # two batches, 16/32 each
+        return dense_operator(op), op.count
+
+    (replicated, count), (by_column, _) = matrix(replica_rows), matrix(1)   # 1: one product a column
+    assert count == ctx.n_params
+    assert torch.allclose(replicated, by_column, atol=1e-13)
+    if operator == "hessian":
+        exact = torch.func.hessian(lambda t: ctx.loss_fn(ctx.forward(t, X[:32]), y[:32]))(ctx.flat_params)
+        assert torch.allclose(replicated, exact, atol=1e-12)
 
 
 def test_a_model_that_cannot_be_stacked_gets_its_dense_hessian_a_column_at_a_time():
