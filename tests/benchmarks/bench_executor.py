@@ -36,9 +36,10 @@ def timed_command(folder: Path, name: str, *extra: str) -> float:
     spec.write_text(SPEC.replace("OUT", "unused.zarr"))
     store = folder / f"{name}.zarr"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "basinprobe.runtime.cli", "run", str(spec), "-o", str(store), "-q",
-                    *extra], check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "basinprobe.runtime.cli", "run", str(spec), "-o", str(store), "-q",
+                           *extra], check=True, capture_output=True, text=True).stdout
     elapsed = time.perf_counter() - started
+    assert "16 cell results written" in done and ", 0 failed" in done, done
     shutil.rmtree(store)
     return elapsed
 
