@@ -132,7 +132,8 @@ class Langevin(Probe):
 
         centers = torch.stack([ctx.flat_params for ctx in ctxs])
         posterior = sgld.LocalPosterior(first.forward, first.loss_fn, X, y, centers, nbeta, gamma,
-                                        compile=bool(first.compile))
+                                        compile=bool(first.compile),
+                                        param_shapes=dict(zip(first.param_names, first.param_shapes)))
         loss_stars = posterior.losses_at_centers.tolist()
         for loss_star in loss_stars:
             if not math.isfinite(loss_star):

@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.func import grad_and_value, vmap
@@ -77,6 +77,14 @@ CHAIN_ROWS_PER_CHUNK = 1 << 18
 
 # Draw each step's noise on a helper thread during the step before (CPU only; see NoiseSource).
 PREFETCH_NOISE = True
+# Chain states (chains × d) of at least this many numbers make a pass over them cost more than the
+# dispatch of a few small ops: above it, plain SGLD takes its gradient per parameter tensor (see
+# LocalPosterior) and the noise thread may get a core of its own (see NoiseSource).
+LARGE_STATE_NUMBERS = 1 << 17
+# Chains that see at most this many rows a step leave the intra-op threads mostly idle.
+LEND_CORE_MAX_ROWS = 32
+# Measure a minibatch draw on a second helper thread while the update runs (see sample).
+MEASURE_ALONGSIDE = True
 
 # A chain is diverged once nβ·(L − L*) exceeds this many times d.
 DIVERGENCE_ENERGY_PER_PARAM = 100.0
@@ -92,10 +100,17 @@ class LocalPosterior:
     ``(d,)``, or one per cell, ``(cells, d)``, for cells that share the model and
     the data. ``compile=True`` wraps the per-step vmapped gradient in
     ``torch.compile`` (:func:`~basinprobe.runtime.substrate.compiled.maybe_compile`).
+
+    ``param_shapes`` (the model's parameter names and shapes, in flat order) lets the
+    gradient be taken per parameter tensor, with ``forward`` called on a dict of views into
+    the flat state: the minibatch SGLD step then uses the per-tensor gradients as they come,
+    instead of paying for their concatenation into a fresh ``(chains, d)`` tensor (0.6 ms of
+    a 9 ms step for 64 chains of 10k parameters).
     """
 
     def __init__(self, forward: Callable, loss_fn: Callable, X: torch.Tensor, y: torch.Tensor,
-                 center: torch.Tensor, nbeta: float, localization: float, compile: bool = False):
+                 center: torch.Tensor, nbeta: float, localization: float, compile: bool = False,
+                 param_shapes: Mapping[str, torch.Size] | None = None):
         self.X, self.y = X, y
         center = center.detach()
         self.centers = center.reshape(-1, center.shape[-1])
@@ -103,19 +118,41 @@ class LocalPosterior:
         self.nbeta = float(nbeta)
         self.localization = float(localization)
         self.n = len(X)
+        self.param_shapes = dict(param_shapes) if param_shapes is not None else None
+        if self.param_shapes is not None:
+            sizes = [math.prod(shape) for shape in self.param_shapes.values()]
+            if sum(sizes) != self.d:
+                raise ValueError(f"param_shapes hold {sum(sizes)} parameters, the centre {self.d}")
+            self._piece_sizes = sizes
 
         def loss_of(flat, x, targets):
             return loss_fn(forward(flat, x), targets)
 
-        self._loss_of = loss_of
+        def loss_of_pieces(pieces, x, targets):
+            params = {name: piece.view(shape) for (name, shape), piece in zip(self.param_shapes.items(), pieces)}
+            return loss_fn(forward(params, x), targets)
+
         # The vmapped gradient is the whole cost of a step; the update around it is a few fused
         # elementwise passes. Only the sampling loop uses the compiled version (one-off calls
         # such as the gradient at w* would pay for a compilation they do not amortize).
-        self._eager = (vmap(grad_and_value(loss_of), in_dims=(0, None, None)),
-                       vmap(grad_and_value(loss_of), in_dims=(0, 0, 0)))
-        self._compiled = tuple(maybe_compile(fn, compile, "sgld step") for fn in self._eager)
+        # Keyed by per_tensor: (gradient on shared rows, gradient on each chain's own rows).
+        self._eager = {False: (vmap(grad_and_value(loss_of), in_dims=(0, None, None)),
+                               vmap(grad_and_value(loss_of), in_dims=(0, 0, 0)))}
+        if self.param_shapes is not None:
+            self._eager[True] = (vmap(grad_and_value(loss_of_pieces), in_dims=(0, None, None)),
+                                 vmap(grad_and_value(loss_of_pieces), in_dims=(0, 0, 0)))
+        self._compiled = {key: tuple(maybe_compile(fn, compile, "sgld step") for fn in fns)
+                          for key, fns in self._eager.items()}
         self._shared_rows_value = vmap(loss_of, in_dims=(0, None, None))
         self.losses_at_centers = self.loss(self.centers)
+
+    def pieces(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``w`` (shape ``(chains, d)``), one per parameter tensor in flat order, each
+        ``(chains, numel)``; ``[w]`` itself without ``param_shapes``. :meth:`loss_and_grad`
+        returns its per-tensor gradients in this layout."""
+        if self.param_shapes is None:
+            return [w]
+        return list(torch.split(w, self._piece_sizes, dim=1))
 
     @property
     def center(self) -> torch.Tensor:
@@ -133,32 +170,39 @@ class LocalPosterior:
     def _rows_per_chunk(self, chains: int) -> int:
         return max(1, CHAIN_ROWS_PER_CHUNK // max(chains, 1))
 
-    def loss_and_grad(self, w: torch.Tensor, rows: torch.Tensor | None = None, compiled: bool = True):
+    def loss_and_grad(self, w: torch.Tensor, rows: torch.Tensor | None = None, compiled: bool = True,
+                      per_tensor: bool = False):
         """Mean loss and its gradient per chain: on the full data set (``rows=None``)
         or on each chain's own minibatch ``rows`` (indices, shape ``(chains, batch)``).
-        ``compiled=False`` uses the eager functions even when the posterior compiles."""
-        shared_rows, own_rows = self._compiled if compiled else self._eager
+        The gradient has shape ``(chains, d)``, or with ``per_tensor=True`` (and
+        ``param_shapes``) is a list laid out as :meth:`pieces`. ``compiled=False`` uses
+        the eager functions even when the posterior compiles."""
+        per_tensor = per_tensor and self.param_shapes is not None
+        shared_rows, own_rows = (self._compiled if compiled else self._eager)[per_tensor]
+        inputs = tuple(self.pieces(w)) if per_tensor else w
         chunk = self._rows_per_chunk(len(w))
         total = self.n if rows is None else rows.shape[1]
         if total <= chunk:
             if rows is None:
-                g, value = shared_rows(w, self.X, self.y)
+                g, value = shared_rows(inputs, self.X, self.y)
             else:
-                g, value = own_rows(w, self.X[rows], self.y[rows])
-            return value, g
+                g, value = own_rows(inputs, self.X[rows], self.y[rows])
+            return value, (list(g) if per_tensor else g)
         loss = torch.zeros(len(w), dtype=w.dtype, device=w.device)
-        gradient = torch.zeros_like(w)
+        gradient = [torch.zeros(piece.shape, dtype=w.dtype, device=w.device) for piece in inputs] \
+            if per_tensor else torch.zeros_like(w)
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
             if rows is None:
-                g, value = shared_rows(w, self.X[start:stop], self.y[start:stop])
+                g, value = shared_rows(inputs, self.X[start:stop], self.y[start:stop])
             else:
                 idx = rows[:, start:stop]
-                g, value = own_rows(w, self.X[idx], self.y[idx])
+                g, value = own_rows(inputs, self.X[idx], self.y[idx])
             # loss_fn is a mean over its batch, so chunks combine with weights len/total.
             weight = (stop - start) / total
             loss.add_(value, alpha=weight)
-            gradient.add_(g, alpha=weight)
+            for total_piece, piece in (zip(gradient, g) if per_tensor else [(gradient, g)]):
+                total_piece.add_(piece, alpha=weight)
         return loss, gradient
 
     @torch.no_grad()
@@ -191,15 +235,33 @@ class NoiseSource:
     helper thread draws the next step's noise into a second buffer (torch releases the
     GIL inside its kernels). The draws happen in the same order, so the noise is the same
     as drawn in line. On other devices the draws are asynchronous kernels already.
+
+    The helper needs a core of its own, and OpenMP's idle intra-op threads spin rather than
+    yield one. When each chain's step sees few rows (``rows_per_chain`` ≤ LEND_CORE_MAX_ROWS),
+    its kernels are too small to gain much from every thread while the draw is as large as
+    the step, so the step runs on one intra-op thread fewer until :meth:`close` (64 chains of
+    10k parameters, minibatch 16, 2 cores: 12.5–14.5 → 8.8–9.5 ms/step). With larger
+    minibatches or full batches the kernels use every thread better than the draw would, and
+    the thread count stays (measured: 10% to 60% slower with a thread lent).
+
+    ``fold``, if given, is applied in place to each step's noise before it is handed out (on the
+    helper thread when there is one): a sampler folds a term of its update that does not depend
+    on the state into it, which takes a pass over the state off the step.
     """
 
     def __init__(self, like: torch.Tensor, rows: Sequence[slice], generators: Sequence[torch.Generator],
-                 steps: int):
-        self.rows, self.generators, self.steps = list(rows), list(generators), steps
+                 steps: int, rows_per_chain: int, fold: Callable[[torch.Tensor], object] | None = None):
+        self.rows, self.generators, self.steps, self.fold = list(rows), list(generators), steps, fold
         prefetch = PREFETCH_NOISE and like.device.type == "cpu" and steps > 1
         self.buffers = [torch.empty_like(like) for _ in range(2 if prefetch else 1)]
         self.drawn = 0   # steps whose noise has been drawn or is being drawn
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        self.threads_before = torch.get_num_threads()
+        self.lent_core = (prefetch and self.threads_before > 1 and like.numel() >= LARGE_STATE_NUMBERS
+                          and rows_per_chain <= LEND_CORE_MAX_ROWS)
+        if self.lent_core:
+            # The count is process-wide: other threads that run torch kernels meanwhile get one fewer too.
+            torch.set_num_threads(self.threads_before - 1)
         self.pending = self._submit() if self.pool else None
 
     def _draw(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -207,6 +269,8 @@ class NoiseSource:
             part = buffer[rows]
             # torch.randn(out=) releases the GIL while it draws; Tensor.normal_ does not
             torch.randn(part.shape, generator=g, out=part, dtype=part.dtype, device=part.device)
+        if self.fold is not None:
+            self.fold(buffer)
         return buffer
 
     def _submit(self):
@@ -227,6 +291,9 @@ class NoiseSource:
             if self.pending is not None:
                 self.pending.result()
             self.pool.shutdown()
+        if self.lent_core:
+            torch.set_num_threads(self.threads_before)
+            self.lent_core = False
 
 
 @dataclass
@@ -312,7 +379,9 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
     per_cell = [slice(i * chains, (i + 1) * chains) for i in range(cells)]
     centers = posterior.centers
     device, dtype, d = centers.device, centers.dtype, posterior.d
-    anchor = centers.repeat_interleave(chains, dim=0)              # (K, d): each chain's w*
+    # (K, d): each chain's w*. One cell's chains share a stride-0 view of its centre, so the passes
+    # that read it touch d numbers, not K·d.
+    anchor = centers.expand(K, d) if cells == 1 else centers.repeat_interleave(chains, dim=0)
     L_star = posterior.losses_at_centers.repeat_interleave(chains)  # (K,)
     eps = _per_chain(step_size, cells, chains, dtype, device)[:, None]
     neg_half_eps, sqrt_eps = -0.5 * eps, eps.sqrt()
@@ -323,7 +392,7 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
     batch_gens = [torch.Generator(device=device).manual_seed(s + 1) for s in seeds]
     accept_gens = [torch.Generator(device=device).manual_seed(s + 2) for s in seeds]
 
-    w = (anchor if init is None else init.to(device=device, dtype=dtype)).clone()
+    w = (anchor if init is None else init.to(device=device, dtype=dtype)).clone(memory_format=torch.contiguous_format)
     alive = torch.ones(K, dtype=torch.bool, device=device)
     diverged_at = torch.full((K,), -1, dtype=torch.long, device=device)
     nan = torch.tensor(float("nan"), dtype=dtype, device=device)
@@ -341,19 +410,50 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
         loss, loss_grad = posterior.loss_and_grad(w)
     order, position = None, 0
     n_batches = 0 if full else posterior.n // batch_size
-    noise = NoiseSource(w, per_cell, noise_gens, draws * thin)
     # Steps write into held buffers: a fresh (chains, d) tensor per step costs its page faults,
     # as much as the pass itself (measured: 1.3 ms against 0.15 ms in place for 64 x 10k).
     offset_buffer = torch.empty_like(w)
-    # Plain minibatch SGLD, w ← (1 − εγ/2)·w + (εγ/2)·w* − (εnβ/2)·∇L_B + √ε·ξ, in three fused passes
-    # that alternate between two state buffers.
+    # Plain minibatch SGLD, w ← (1 − εγ/2)·w + (εγ/2)·w* − (εnβ/2)·∇L_B + √ε·ξ: the noise arrives as
+    # (εγ/2)·w* + √ε·ξ, and two fused passes alternate between two state buffers.
     plain = sampler == "sgld" and not full
     states = (w, torch.empty_like(w)) if plain else None
+    # It takes its gradient per parameter tensor when the state is large (no flat copy of it).
+    per_tensor = plain and posterior.param_shapes is not None and K * d >= LARGE_STATE_NUMBERS
+    pieces = posterior.pieces if per_tensor else (lambda t: [t])
+    grad_pieces = (lambda g: g) if per_tensor else (lambda g: [g])
+    fold = None
     if plain:
         keep = 1 - 0.5 * eps * posterior.localization
-        pull = (0.5 * eps * posterior.localization) * anchor
         push = -0.5 * eps * nbeta
+        pull = (0.5 * posterior.localization) * sqrt_eps
 
+        def fold(xi):
+            # the noise's share of the step: √ε·ξ + (εγ/2)·w* = √ε·(ξ + (√ε·γ/2)·w*)
+            torch.addcmul(xi, pull, anchor, out=xi).mul_(sqrt_eps)
+
+    def measure(state, gradient_state, loss_grad, grad_U):
+        """‖state − w*‖, and ‖∇U‖² at the state the gradient was taken at."""
+        offset = torch.sub(state, anchor, out=offset_buffer)
+        distance = torch.linalg.vector_norm(offset, dim=1)
+        if grad_U is not None:
+            return distance, torch.linalg.vector_norm(grad_U, dim=1).square()
+        # Plain SGLD skipped ∇U = nβ·∇L + γ·(w − w*) in its fused step.
+        if not posterior.localization:
+            gradient = torch.cat(loss_grad, dim=1) if per_tensor else loss_grad
+            return distance, (nbeta * torch.linalg.vector_norm(gradient, dim=1)).square()
+        if gradient_state is not state:
+            offset = torch.sub(gradient_state, anchor, out=offset_buffer)
+        for piece, piece_grad in zip(pieces(offset), grad_pieces(loss_grad)):
+            piece.add_(piece_grad, alpha=nbeta / posterior.localization)
+        return distance, (posterior.localization * torch.linalg.vector_norm(offset, dim=1)).square()
+
+    noise = NoiseSource(w, per_cell, noise_gens, draws * thin, rows_per_chain=posterior.n if full else batch_size,
+                        fold=fold)
+    # With a large state, a second helper measures a minibatch draw (its distance and ∇U, three
+    # passes over the state) while the step's update runs: both only read w_before and the gradient.
+    side = ThreadPoolExecutor(max_workers=1) \
+        if (MEASURE_ALONGSIDE and plain and noise.pool is not None and K * d >= LARGE_STATE_NUMBERS
+            and draw_loss == "minibatch") else None
     try:
         for t in range(draws * thin):
             xi = noise.next()
@@ -366,13 +466,15 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
                     position = 0
                 rows = order[:, position * batch_size:(position + 1) * batch_size]
                 position += 1
-                loss, loss_grad = posterior.loss_and_grad(w, rows)
+                loss, loss_grad = posterior.loss_and_grad(w, rows, per_tensor=per_tensor)
             w_before = w
             grad_U = None if plain else posterior.potential_grad(loss_grad, w, anchor)
+            measuring = side.submit(measure, w, w, loss_grad, None) if side is not None and record else None
             if plain:
                 spare = states[1] if w.data_ptr() == states[0].data_ptr() else states[0]
-                proposal = (torch.addcmul(pull, keep, w, out=spare)
-                            .addcmul_(push, loss_grad).addcmul_(sqrt_eps, xi))
+                proposal = torch.addcmul(xi, keep, w, out=spare)
+                for piece, piece_grad in zip(pieces(proposal), grad_pieces(loss_grad)):
+                    piece.addcmul_(push, piece_grad)
             elif rmsprop:
                 if adapt_steps is None or t < adapt_steps:
                     square_avg.mul_(RMSPROP_ALPHA).addcmul_(loss_grad, loss_grad, value=1 - RMSPROP_ALPHA)
@@ -411,21 +513,14 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
                     state, value = w, (loss if full else posterior.loss(w))
                 else:
                     state, value = w_before, loss
-                offset = torch.sub(state, anchor, out=offset_buffer)
-                distance = torch.linalg.vector_norm(offset, dim=1)
-                if grad_U is None:
-                    # Plain SGLD skipped ∇U = nβ·∇L + γ·(w − w*) in its fused step; its state is w_before.
-                    grad_U = offset.add_(loss_grad, alpha=nbeta / posterior.localization) \
-                        if posterior.localization else loss_grad
-                    scale = posterior.localization if posterior.localization else nbeta
-                else:
-                    scale = 1.0
+                distance, grad_norm_sq = measuring.result() if measuring is not None \
+                    else measure(state, w_before, loss_grad, grad_U)
                 bad = ~torch.isfinite(value) | ~torch.isfinite(distance) | (nbeta * (value - L_star) > energy_bound)
                 diverged_at = torch.where(bad & alive, k, diverged_at)
                 alive = alive & ~bad
                 loss_trace[k] = torch.where(alive, value, nan)
                 dist_trace[k] = torch.where(alive, distance, nan)
-                gsq_trace[k] = torch.where(alive, (scale * torch.linalg.vector_norm(grad_U, dim=1)).square(), nan)
+                gsq_trace[k] = torch.where(alive, grad_norm_sq, nan)
                 if full:
                     acc_trace[k] = torch.where(alive, acc_sum / thin, nan)
                     acc_sum.zero_()
@@ -444,6 +539,8 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
                 progress.advance(1)
     finally:
         noise.close()
+        if side is not None:
+            side.shutdown()
 
     def out(x):
         return None if x is None else x.transpose(0, 1).to(device="cpu", dtype=torch.float64)

@@ -26,6 +26,7 @@ import argparse
 import copy
 import itertools
 import math
+import statistics
 import time
 import warnings
 
@@ -53,7 +54,8 @@ def problem(widths: dict, n: int, device: str, dtype=torch.float32):
 def posterior_for(ctx, compile: bool = False) -> sgld.LocalPosterior:
     n = len(ctx.data.X_train)
     return sgld.LocalPosterior(ctx.forward, ctx.loss_fn, ctx.data.X_train, ctx.data.y_train, ctx.flat_params,
-                               nbeta=n / math.log(n), localization=1.0, compile=compile)
+                               nbeta=n / math.log(n), localization=1.0, compile=compile,
+                               param_shapes=dict(zip(ctx.param_names, ctx.param_shapes)))
 
 
 class DevinterpStyleSGLD(torch.optim.Optimizer):
@@ -103,33 +105,54 @@ def devinterp_style_chains(ctx, chains: int, steps: int, batch_size: int, step_s
     return traces
 
 
-def bench_batched_vs_sequential(chains: int = 64, steps: int = 40, batch_size: int = 16) -> dict[str, float]:
+def bench_batched_vs_sequential(chains: int = 64, steps: int = 40, batch_size: int = 16,
+                                rounds: int = 5) -> dict[str, float]:
+    """Each round times the three ways back to back and takes their ratios, so that the load of a
+    shared machine, which drifts over seconds, divides out. Within a round every run is short and
+    timed alone (the batched run 5 times, each sequential chain once), and each way's time is
+    its median run, times 64 for the chains run one by one: a burst of load on the machine
+    spoils one run, not the round. Reported: the median over rounds."""
     ctx = problem(SMALL, n=1024, device="cpu")
     post = posterior_for(ctx)
     kwargs = dict(step_size=1e-5, draws=steps, batch_size=batch_size, draw_loss="minibatch")
 
+    def once(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
     def batched():
-        sgld.sample(post, chains=chains, seed=0, **kwargs)
+        return statistics.median(once(lambda: sgld.sample(post, chains=chains, seed=0, **kwargs)) for _ in range(5))
 
     def same_math_one_by_one():
-        for k in range(chains):
-            sgld.sample(post, chains=1, seed=k, **kwargs)
+        return chains * statistics.median(
+            once(lambda: sgld.sample(post, chains=1, seed=k, **kwargs)) for k in range(chains))
 
     def devinterp_style():
-        devinterp_style_chains(ctx, chains, steps, batch_size, step_size=1e-5)
+        return chains * statistics.median(
+            once(lambda: devinterp_style_chains(ctx, 1, steps, batch_size, step_size=1e-5)) for _ in range(chains))
 
-    t_batched = timed(batched, "cpu", repeats=5)
-    t_same = timed(same_math_one_by_one, "cpu", repeats=3)
-    t_devinterp = timed(devinterp_style, "cpu", repeats=3)
+    ways = {"batched": batched, "same_math": same_math_one_by_one, "devinterp_style": devinterp_style}
+    times = {name: [] for name in ways}
+    for fn in ways.values():
+        fn()                                              # warm-up
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            times[name].append(fn())
+    ratios = {name: [other / mine for other, mine in zip(times[name], times["batched"])]
+              for name in ("same_math", "devinterp_style")}
+    per_step = {name: statistics.median(t) / steps * 1e3 for name, t in times.items()}
     print(f"[1] CPU, MLP {SMALL} ({post.d} parameters), float32, minibatch {batch_size}, {steps} steps, "
-          f"{torch.get_num_threads()} threads")
-    print(f"  {chains} chains together (vmap):                 {t_batched / steps * 1e3:8.2f} ms/step")
-    print(f"  {chains} chains one by one, same math:           {t_same / steps * 1e3:8.2f} ms/step (all chains)")
-    print(f"  {chains} chains one by one, devinterp-style loop: {t_devinterp / steps * 1e3:8.2f} ms/step (all chains)")
-    ratios = {"same_math": t_same / t_batched, "devinterp_style": t_devinterp / t_batched}
-    print(f"  speed-up vs same math one by one:   {ratios['same_math']:.1f}x (target >= 20x)")
-    print(f"  speed-up vs devinterp-style loop:   {ratios['devinterp_style']:.1f}x")
-    return ratios
+          f"{torch.get_num_threads()} threads, {rounds} rounds (medians)")
+    print(f"  {chains} chains together (vmap):                 {per_step['batched']:8.2f} ms/step")
+    print(f"  {chains} chains one by one, same math:           {per_step['same_math']:8.2f} ms/step (all chains)")
+    print(f"  {chains} chains one by one, devinterp-style loop: {per_step['devinterp_style']:8.2f} ms/step (all chains)")
+    for name, label, target in [("same_math", "same math one by one", " (target >= 20x)"),
+                                ("devinterp_style", "devinterp-style loop", "")]:
+        r = ratios[name]
+        print(f"  speed-up vs {label + ':':22s} {statistics.median(r):5.1f}x median of rounds "
+              f"({min(r):.1f}-{max(r):.1f}x){target}")
+    return {name: statistics.median(r) for name, r in ratios.items()}
 
 
 def bench_batched_cells(cells: int = 8) -> dict[str, float]:

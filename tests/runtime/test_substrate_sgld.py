@@ -91,6 +91,37 @@ def test_sgld_sample_covariance_matches_the_discretized_langevin_closed_form():
     assert np.max(np.abs(error_exact) / stderr_exact) > 6
 
 
+@pytest.mark.parametrize("large_state", [False, True])
+def test_minibatch_sgld_step_is_the_full_batch_step_when_every_minibatch_has_the_full_gradient(
+        monkeypatch, large_state):
+    """A loss that does not depend on the rows gives every minibatch the full-batch gradient, so
+    the minibatch sampler's fused update (noise folded in, per-tensor gradient, lent thread)
+    must retrace the full-batch sampler's chains, noise for noise."""
+    if large_state:
+        monkeypatch.setattr(sgld, "LARGE_STATE_NUMBERS", 0)
+        torch.set_num_threads(2)   # the module's fixture restores the count afterwards
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    X = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = torch.zeros(40, 3, dtype=torch.float64)
+
+    def forward(params, x):   # the same outputs for every row
+        flat = params if isinstance(params, torch.Tensor) else torch.cat([params["a"], params["b"]])
+        return (flat @ M).expand(len(x), 3)
+
+    center = torch.randn(6, generator=g, dtype=torch.float64)
+    post = sgld.LocalPosterior(forward, mse, X, y, center, NBETA, GAMMA,
+                               param_shapes={"a": torch.Size([4]), "b": torch.Size([2])})
+    kwargs = dict(step_size=0.05, chains=3, draws=30, seed=2, keep_samples=True)
+    full = sgld.sample(post, **kwargs)
+    minibatch = sgld.sample(post, batch_size=8, **kwargs)
+    torch.testing.assert_close(minibatch.samples, full.samples, rtol=1e-10, atol=1e-12)
+    # A minibatch gradient is the state's before the step, the full-batch one the state's after it.
+    torch.testing.assert_close(minibatch.grad_norm_sq[:, 1:], full.grad_norm_sq[:, :-1], rtol=1e-10, atol=1e-12)
+    at_center = (NBETA * post.grad_at_centers()[0]).square().sum()
+    torch.testing.assert_close(minibatch.grad_norm_sq[:, 0], at_center.expand(3), rtol=1e-10, atol=1e-12)
+
+
 def test_llc_of_quadratic_from_mala_chains_is_half_the_sum_of_tempered_eigenvalue_ratios():
     post, H, _ = quadratic_posterior()
     h = torch.linalg.eigvalsh(H)
@@ -142,6 +173,70 @@ def test_noise_drawn_ahead_on_a_helper_thread_is_the_noise_drawn_in_line(monkeyp
         runs.append(sgld.sample(post, step_size=0.02, chains=3, draws=40, thin=2, batch_size=batch, seed=[5],
                                 sampler=sampler, keep_samples=True))
     assert torch.equal(runs[0].samples, runs[1].samples) and torch.equal(runs[0].loss, runs[1].loss)
+
+
+def small_mlp_posterior(param_shapes: bool):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = torch.tanh(X[:, :1]) + 0.1 * torch.randn(64, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    ctx = make_context(make_mlp(**{"in": 5, "hidden": [7], "out": 1}).double(), regression_data(X, y), mse)
+    shapes = dict(zip(ctx.param_names, ctx.param_shapes)) if param_shapes else None
+    return sgld.LocalPosterior(ctx.forward, ctx.loss_fn, ctx.data.X_train, ctx.data.y_train, ctx.flat_params,
+                               NBETA, GAMMA, param_shapes=shapes)
+
+
+@pytest.mark.parametrize("localization", [GAMMA, 0.0])
+def test_gradient_per_parameter_tensor_gives_the_same_chains_as_the_flat_gradient(monkeypatch, localization):
+    monkeypatch.setattr(sgld, "LARGE_STATE_NUMBERS", 0)   # every state counts as large
+    runs = []
+    for shapes in (True, False):
+        post = small_mlp_posterior(shapes)
+        post.localization = localization
+        runs.append(sgld.sample(post, step_size=1e-3, chains=4, draws=30, batch_size=8, seed=3, keep_samples=True,
+                                draw_loss="minibatch"))
+    assert torch.equal(runs[0].samples, runs[1].samples)
+    assert torch.equal(runs[0].loss, runs[1].loss) and torch.equal(runs[0].grad_norm_sq, runs[1].grad_norm_sq)
+    per_tensor, flat = small_mlp_posterior(True), small_mlp_posterior(False)
+    w = per_tensor.center + 0.1 * torch.randn(3, per_tensor.d, generator=torch.Generator().manual_seed(1),
+                                              dtype=torch.float64)
+    pieces = per_tensor.loss_and_grad(w, per_tensor=True)[1]
+    assert [p.shape[1] for p in pieces] == [35, 7, 7, 1]
+    assert torch.equal(torch.cat(pieces, dim=1), flat.loss_and_grad(w)[1])
+
+
+def test_a_draw_measured_on_the_side_is_the_draw_measured_in_line(monkeypatch):
+    monkeypatch.setattr(sgld, "LARGE_STATE_NUMBERS", 0)
+    runs = []
+    for alongside in (True, False):
+        monkeypatch.setattr(sgld, "MEASURE_ALONGSIDE", alongside)
+        runs.append(sgld.sample(small_mlp_posterior(True), step_size=1e-3, chains=4, draws=20, thin=2, batch_size=8,
+                                seed=1, draw_loss="minibatch"))
+    for name in ("loss", "distance", "grad_norm_sq"):
+        assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
+    assert torch.all(runs[0].distance > 0) and torch.all(runs[0].grad_norm_sq > 0)
+
+
+@pytest.mark.parametrize("batch_size, lent", [(8, True), (40, False), (None, False)])
+def test_small_minibatch_steps_lend_an_intra_op_thread_to_the_noise_thread_and_give_it_back(
+        monkeypatch, batch_size, lent):
+    monkeypatch.setattr(sgld, "LARGE_STATE_NUMBERS", 0)
+    torch.set_num_threads(2)   # the module's fixture restores the count afterwards
+    seen = []
+
+    class Recorder:
+        def advance(self, n=1):
+            seen.append(torch.get_num_threads())
+
+    sgld.sample(small_mlp_posterior(True), step_size=1e-3, chains=4, draws=5, batch_size=batch_size, seed=0,
+                progress=Recorder())
+    assert seen == [1 if lent else 2] * 5
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(sgld, "PREFETCH_NOISE", False)   # drawn in line: no thread to lend to
+    seen.clear()
+    sgld.sample(small_mlp_posterior(True), step_size=1e-3, chains=4, draws=5, batch_size=8, seed=0,
+                progress=Recorder())
+    assert seen == [2] * 5
 
 
 def test_chunked_and_minibatch_gradients_equal_the_full_batch_gradient(monkeypatch):
