@@ -17,7 +17,7 @@
    parameters, and the CPU/GPU ratio for 64 chains.
 
 Times are medians of repeats after a warm-up, measured with ``time.perf_counter``
-in this one process.
+in this one process; [1] takes its ratios round by round (see its docstring).
 """
 
 from __future__ import annotations
