@@ -1,13 +1,16 @@
 """Local executor vs a 2-worker dask LocalCluster on a 16-cell sweep, as whole commands.
 
-Run: python tests/benchmarks/bench_executor.py [repeats]
+Run: python tests/benchmarks/bench_executor.py [repeats] [--steps N]
 Each repeat runs ``basinprobe run SPEC`` and ``basinprobe run SPEC --executor dask --workers 2``
 in turn, each in a fresh process writing a fresh store, so both pay what a user pays
 (imports, and for dask the cluster's start); the ratio is taken pair by pair and its median
-printed. The cells are a few seconds of training each, so the ratio says how the executor
-scales rather than how fast a cluster starts.
+printed. The cells are seconds of training each (``--steps``, default 4000 training steps per
+seed, ~4 s here), so the ratio says how the executor scales rather than how fast a cluster
+starts; each command also pays ~6-8 s that no executor can split (imports, torch._dynamo,
+which torch's optimizers import, the store), which longer cells amortize.
 """
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -23,7 +26,7 @@ SPEC = textwrap.dedent("""
     model: {kind: mlp, with: {in: 64, hidden: [64, 64], out: 10, activation: relu}}
     data: {kind: digits, batch_size: 128}
     loss: cross_entropy
-    train: {optimizer: {kind: sgd, lr: 0.05, momentum: 0.9}, steps: 4000, checkpoints: {at: [0, 4000]}}
+    train: {optimizer: {kind: sgd, lr: 0.05, momentum: 0.9}, steps: STEPS, checkpoints: {at: [0, STEPS]}}
     sweep: {seed: [0, 1, 2, 3, 4, 5, 6, 7]}
     probes:
       - {name: eval, probe: evaluate}
@@ -31,9 +34,9 @@ SPEC = textwrap.dedent("""
 """)
 
 
-def timed_command(folder: Path, name: str, *extra: str) -> float:
+def timed_command(folder: Path, name: str, steps: int, *extra: str) -> float:
     spec = folder / "spec.yaml"
-    spec.write_text(SPEC.replace("OUT", "unused.zarr"))
+    spec.write_text(SPEC.replace("OUT", "unused.zarr").replace("STEPS", str(steps)))
     store = folder / f"{name}.zarr"
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "basinprobe.runtime.cli", "run", str(spec), "-o", str(store), "-q",
@@ -65,15 +68,19 @@ def cluster_startup() -> float:
     return elapsed
 
 
-def main(repeats: int = 3) -> None:
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else repeats
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("repeats", nargs="?", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4000, help="training steps per seed")
+    args = parser.parse_args()
+    repeats, steps = args.repeats, args.steps
     folder = Path(tempfile.mkdtemp())
     local, dask, ratios = [], [], []
     try:
-        timed_command(folder, "warmup")   # file caches, compiled bytecode
+        timed_command(folder, "warmup", steps)   # file caches, compiled bytecode
         for i in range(repeats):
-            local.append(timed_command(folder, f"local{i}"))
-            dask.append(timed_command(folder, f"dask{i}", "--executor", "dask", "--workers", "2"))
+            local.append(timed_command(folder, f"local{i}", steps))
+            dask.append(timed_command(folder, f"dask{i}", steps, "--executor", "dask", "--workers", "2"))
             ratios.append(dask[-1] / local[-1])
     finally:
         shutil.rmtree(folder)
@@ -81,7 +88,7 @@ def main(repeats: int = 3) -> None:
     def median(values):
         return sorted(values)[len(values) // 2]
 
-    print(f"16-cell sweep (8 seeds x 2 checkpoints, 4000 training steps each), whole commands, {repeats} pairs:")
+    print(f"16-cell sweep (8 seeds x 2 checkpoints, {steps} training steps each), whole commands, {repeats} pairs:")
     print(f"  local executor      {median(local):6.2f} s   (all: {', '.join(f'{t:.2f}' for t in local)})")
     print(f"  dask, 2 workers     {median(dask):6.2f} s   (all: {', '.join(f'{t:.2f}' for t in dask)})")
     print(f"  ratio dask / local  {median(ratios):6.2f}   (pairs: {', '.join(f'{r:.2f}' for r in ratios)}; "
