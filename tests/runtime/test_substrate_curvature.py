@@ -127,6 +127,8 @@ def test_dense_matrix_from_replicated_models_is_the_column_by_column_matrix(monk
     def matrix(rows):
         monkeypatch.setattr(dense, "REPLICA_ROWS", rows)
         op = curvature_operator(ctx, operator, batches=2, batch_size=16)     # two batches, 16/32 each
+        if rows > 40:   # several copies: the stacked path must not fall back to the column path
+            op.matmat = op.matvec = None
         return dense_operator(op), op.count
 
     (replicated, count), (by_column, _) = matrix(replica_rows), matrix(1)   # 1: one product a column
@@ -154,6 +156,37 @@ def test_a_model_that_cannot_be_stacked_gets_its_dense_hessian_a_column_at_a_tim
     with pytest.raises(RuntimeError):
         curvature_operator(ctx).replicated(4)
     assert torch.allclose(dense_operator(curvature_operator(ctx)), func_hessian(ctx), atol=1e-12)
+
+
+def test_an_error_after_the_first_stacked_columns_propagates_rather_than_falling_back(monkeypatch):
+    import basinprobe.runtime.substrate.dense as dense
+    from basinprobe.runtime.substrate.curvature import CurvatureOperator
+
+    g = torch.Generator().manual_seed(8)
+    X, y = torch.randn(20, 3, generator=g, dtype=F64), torch.randn(20, 2, generator=g, dtype=F64)
+    torch.manual_seed(8)
+    ctx = make_context(make_mlp(**{"in": 3, "hidden": [4], "out": 2, "activation": "tanh"}),
+                       regression_data(X, y), mse)
+    monkeypatch.setattr(dense, "REPLICA_ROWS", 20 * 4)   # 4 copies: 6 stacked products for 26 columns
+    replicated = CurvatureOperator.replicated
+    calls = []
+
+    def failing_later(self, copies):
+        stack = replicated(self, copies)
+        product = stack.matvec
+
+        def matvec(v):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("out of memory in the second stacked product")
+            return product(v)
+
+        stack.matvec = matvec
+        return stack
+
+    monkeypatch.setattr(CurvatureOperator, "replicated", failing_later)
+    with pytest.raises(RuntimeError, match="second stacked product"):
+        dense_operator(curvature_operator(ctx))
 
 
 # --- Lanczos --------------------------------------------------------------------------------
