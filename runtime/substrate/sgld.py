@@ -241,8 +241,9 @@ class NoiseSource:
     its kernels are too small to gain much from every thread while the draw is as large as
     the step, so the step runs on one intra-op thread fewer until :meth:`close` (64 chains of
     10k parameters, minibatch 16, 2 cores: 12.5–14.5 → 8.8–9.5 ms/step). With larger
-    minibatches or full batches the kernels use every thread better than the draw would, and
-    the thread count stays (measured: 10% to 60% slower with a thread lent).
+    minibatches, full batches or draws that evaluate the full training loss the kernels use
+    every thread better than the draw would, and the thread count stays (measured: 10% to 60%
+    slower with a thread lent).
 
     ``fold``, if given, is applied in place to each step's noise before it is handed out (on the
     helper thread when there is one): a sampler folds a term of its update that does not depend
@@ -447,8 +448,10 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
             piece.add_(piece_grad, alpha=nbeta / posterior.localization)
         return distance, (posterior.localization * torch.linalg.vector_norm(offset, dim=1)).square()
 
-    noise = NoiseSource(w, per_cell, noise_gens, draws * thin, rows_per_chain=posterior.n if full else batch_size,
-                        fold=fold)
+    # Draws that evaluate L_n pass every row through the chains: count them as full-batch steps
+    # (a lent thread made them 1.4x slower).
+    rows_per_chain = batch_size if not full and draw_loss == "minibatch" else posterior.n
+    noise = NoiseSource(w, per_cell, noise_gens, draws * thin, rows_per_chain=rows_per_chain, fold=fold)
     # With a large state, a second helper measures a minibatch draw (its distance and ∇U, three
     # passes over the state) while the step's update runs: both only read w_before and the gradient.
     side = ThreadPoolExecutor(max_workers=1) \

@@ -217,9 +217,10 @@ def test_a_draw_measured_on_the_side_is_the_draw_measured_in_line(monkeypatch):
     assert torch.all(runs[0].distance > 0) and torch.all(runs[0].grad_norm_sq > 0)
 
 
-@pytest.mark.parametrize("batch_size, lent", [(8, True), (40, False), (None, False)])
+@pytest.mark.parametrize("batch_size, draw_loss, lent", [(8, "minibatch", True), (8, "full", False),
+                                                       (40, "minibatch", False), (None, "full", False)])
 def test_small_minibatch_steps_lend_an_intra_op_thread_to_the_noise_thread_and_give_it_back(
-        monkeypatch, batch_size, lent):
+        monkeypatch, batch_size, draw_loss, lent):
     monkeypatch.setattr(sgld, "LARGE_STATE_NUMBERS", 0)
     torch.set_num_threads(2)   # the module's fixture restores the count afterwards
     seen = []
@@ -229,13 +230,13 @@ def test_small_minibatch_steps_lend_an_intra_op_thread_to_the_noise_thread_and_g
             seen.append(torch.get_num_threads())
 
     sgld.sample(small_mlp_posterior(True), step_size=1e-3, chains=4, draws=5, batch_size=batch_size, seed=0,
-                progress=Recorder())
+                draw_loss=draw_loss, progress=Recorder())
     assert seen == [1 if lent else 2] * 5
     assert torch.get_num_threads() == 2
     monkeypatch.setattr(sgld, "PREFETCH_NOISE", False)   # drawn in line: no thread to lend to
     seen.clear()
     sgld.sample(small_mlp_posterior(True), step_size=1e-3, chains=4, draws=5, batch_size=8, seed=0,
-                progress=Recorder())
+                draw_loss="minibatch", progress=Recorder())
     assert seen == [2] * 5
 
 
