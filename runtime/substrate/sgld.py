@@ -421,7 +421,6 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
     # It takes its gradient per parameter tensor when the state is large (no flat copy of it).
     per_tensor = plain and posterior.param_shapes is not None and K * d >= LARGE_STATE_NUMBERS
     pieces = posterior.pieces if per_tensor else (lambda t: [t])
-    grad_pieces = (lambda g: g) if per_tensor else (lambda g: [g])
     fold = None
     if plain:
         keep = 1 - 0.5 * eps * posterior.localization
@@ -438,13 +437,13 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
         distance = torch.linalg.vector_norm(offset, dim=1)
         if grad_U is not None:
             return distance, torch.linalg.vector_norm(grad_U, dim=1).square()
-        # Plain SGLD skipped ∇U = nβ·∇L + γ·(w − w*) in its fused step.
+        # Plain SGLD skipped ∇U = nβ·∇L + γ·(w − w*) in its fused step; its loss_grad is a list (pieces()).
         if not posterior.localization:
-            gradient = torch.cat(loss_grad, dim=1) if per_tensor else loss_grad
+            gradient = torch.cat(loss_grad, dim=1) if per_tensor else loss_grad[0]
             return distance, (nbeta * torch.linalg.vector_norm(gradient, dim=1)).square()
         if gradient_state is not state:
             offset = torch.sub(gradient_state, anchor, out=offset_buffer)
-        for piece, piece_grad in zip(pieces(offset), grad_pieces(loss_grad)):
+        for piece, piece_grad in zip(pieces(offset), loss_grad):
             piece.add_(piece_grad, alpha=nbeta / posterior.localization)
         return distance, (posterior.localization * torch.linalg.vector_norm(offset, dim=1)).square()
 
@@ -470,13 +469,15 @@ def sample(posterior: LocalPosterior, *, step_size: float | torch.Tensor, chains
                 rows = order[:, position * batch_size:(position + 1) * batch_size]
                 position += 1
                 loss, loss_grad = posterior.loss_and_grad(w, rows, per_tensor=per_tensor)
+                if plain and not per_tensor:
+                    loss_grad = [loss_grad]   # plain SGLD holds its gradient as a list laid out as pieces()
             w_before = w
             grad_U = None if plain else posterior.potential_grad(loss_grad, w, anchor)
             measuring = side.submit(measure, w, w, loss_grad, None) if side is not None and record else None
             if plain:
                 spare = states[1] if w.data_ptr() == states[0].data_ptr() else states[0]
                 proposal = torch.addcmul(xi, keep, w, out=spare)
-                for piece, piece_grad in zip(pieces(proposal), grad_pieces(loss_grad)):
+                for piece, piece_grad in zip(pieces(proposal), loss_grad):
                     piece.addcmul_(push, piece_grad)
             elif rmsprop:
                 if adapt_steps is None or t < adapt_steps:

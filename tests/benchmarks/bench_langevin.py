@@ -36,7 +36,7 @@ from basinprobe.runtime.losses import mse
 from basinprobe.runtime.models import make_mlp
 from basinprobe.runtime.substrate import sgld
 from basinprobe.runtime.testing import make_context, regression_data
-from timing import sync, timed
+from timing import timed
 
 SMALL = {"in": 32, "hidden": [128, 48], "out": 1}          # 10,465 parameters
 LARGE = {"in": 256, "hidden": [1024, 768], "out": 1}       # 1,051,905 parameters
