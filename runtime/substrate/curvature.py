@@ -15,8 +15,10 @@ for the initialization) when given.
 The cache keys on the arguments with the producer's defaults filled in, so requests that
 spell out a default and requests that leave it out share one computation. For batched cells (several models of one architecture on
 the same data), :func:`stacked_operator`, :func:`dense_spectra`, :func:`eigen_many` and
-:func:`slq_many` compute the same results for all cells at once: the algorithms run in
-lockstep (:mod:`lockstep`) over one ``vmap``-ed product per step.
+:func:`slq_many` compute the same results for all cells at once, over one ``vmap``-ed
+product per step: Lanczos and SLQ advance every cell's recurrence as a row of one batched
+recurrence (:func:`lanczos.lanczos_rows`, :func:`lanczos.quadrature_rows`), Hutch++ runs
+each cell's routine in lockstep (:mod:`lockstep`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from basinprobe.runtime.artifacts import artifact
 from basinprobe.runtime.context import derive_seed
 from basinprobe.runtime.substrate.dense import DENSE_THRESHOLD, DenseSpectrum, dense_operator, spectra, spectrum
 from basinprobe.runtime.substrate.hvp import CurvatureOperator, curvature_operator
-from basinprobe.runtime.substrate.lanczos import Eigenpairs, lanczos_steps
+from basinprobe.runtime.substrate.lanczos import Eigenpairs, lanczos_rows, one_row
 from basinprobe.runtime.substrate.lockstep import Routine, drive, drive_many
 from basinprobe.runtime.substrate.slq import Quadrature, slq_stacked, slq_steps
 
@@ -124,7 +126,7 @@ def eigen_artifact(ctx, k: int = 20, which: str = "top", operator: str = "hessia
     op = ctx.artifact("hessian.operator", operator=operator, split=split, batches=batches, at=at)
     budget = eigen_budget(k, max_matvecs)
     with ctx.progress(budget, f"Lanczos {which}-{k} {operator} eigenpairs") as bar:
-        result = drive(eigen_steps(ctx, k, which, tol, max_matvecs, progress=_Passthrough(bar)), op.matvec)
+        (result,) = drive(eigen_rows([ctx], k, which, tol, max_matvecs, progress=_Passthrough(bar)), one_row(op.matvec))
     return _eigen(result, which, operator)
 
 
@@ -132,12 +134,13 @@ def eigen_budget(k: int, max_matvecs: int | None = None) -> int:
     return max_matvecs or max(500, 50 * k)
 
 
-def eigen_steps(ctx, k: int, which: str, tol: float, max_matvecs: int | None = None, progress=None) -> Routine:
-    """The Lanczos run of ``hessian.eigen`` as a coroutine (:mod:`lockstep`): the same start
-    vector (seeded from the cell), budget and stopping rule."""
-    return lanczos_steps(ctx.n_params, k, which, tol=tol, max_matvecs=eigen_budget(k, max_matvecs),
-                         dtype=ctx.dtype, device=ctx.device,
-                         generator=artifact_generator(ctx, "hessian.eigen", which), progress=progress)
+def eigen_rows(ctxs: list, k: int, which: str, tol: float, max_matvecs: int | None = None, progress=None) -> Routine:
+    """The Lanczos runs of ``hessian.eigen`` of the cells, as one coroutine (:func:`lanczos.lanczos_rows`):
+    each cell's start vector seeded from the cell, the same budget and stopping rule."""
+    first = ctxs[0]
+    return lanczos_rows(first.n_params, k, which, tol=tol, max_matvecs=eigen_budget(k, max_matvecs),
+                        dtype=first.dtype, device=first.device,
+                        generators=[artifact_generator(ctx, "hessian.eigen", which) for ctx in ctxs], progress=progress)
 
 
 def _eigen(result: Eigenpairs, which: str, operator: str) -> CurvatureEigen:
@@ -149,8 +152,9 @@ def _eigen(result: Eigenpairs, which: str, operator: str) -> CurvatureEigen:
 def slq_artifact(ctx, probes: int = 8, steps: int = 80, operator: str = "hessian", split: str = "train",
                  batches: int | None = None, at: int | None = None) -> Quadrature:
     op = ctx.artifact("hessian.operator", operator=operator, split=split, batches=batches, at=at)
-    with ctx.progress(probes, f"SLQ {operator} spectral density ({probes} probes x {steps} steps)") as bar:
-        return drive(slq_routine(ctx, probes, steps, progress=_Passthrough(bar)), op.matvec)
+    with ctx.progress(min(steps, ctx.n_params),
+                      f"SLQ {operator} spectral density ({probes} probes x {steps} steps)") as bar:
+        return drive(slq_routine(ctx, probes, steps, progress=_Passthrough(bar)), lambda V: op.matmat(V.T).T)
 
 
 def slq_routine(ctx, probes: int, steps: int, progress=None) -> Routine:
@@ -244,9 +248,11 @@ def lockstep(ctx, routines: list[Routine], op: CurvatureOperator, description: s
 
 def eigen_many(ctxs: list, op: CurvatureOperator, k: int, which: str, tol: float,
                max_matvecs: int | None = None) -> list[CurvatureEigen]:
-    """``hessian.eigen`` (Lanczos path) of each cell, the cells' runs advanced in lockstep."""
-    results = lockstep(ctxs[0], [eigen_steps(ctx, k, which, tol, max_matvecs) for ctx in ctxs], op,
-                       f"Lanczos {which}-{k} {op.kind} eigenpairs of {len(ctxs)} cells", eigen_budget(k, max_matvecs))
+    """``hessian.eigen`` (Lanczos path) of each cell, the cells' runs advanced together, one product
+    of the stacked operator per step."""
+    description = f"Lanczos {which}-{k} {op.kind} eigenpairs of {len(ctxs)} cells"
+    with ctxs[0].progress(eigen_budget(k, max_matvecs), description) as bar:
+        results = drive(eigen_rows(ctxs, k, which, tol, max_matvecs, progress=_Passthrough(bar)), op.matvec)
     return [_eigen(result, which, op.kind) for result in results]
 
 
@@ -255,6 +261,6 @@ def slq_many(ctxs: list, op: CurvatureOperator, probes: int, steps: int) -> list
     recurrences batched (:func:`slq.slq_stacked`)."""
     first = ctxs[0]
     generators = [artifact_generator(ctx, "hessian.slq") for ctx in ctxs]
-    with first.progress(probes, f"SLQ {op.kind} spectral density of {len(ctxs)} cells") as bar:
-        return slq_stacked(op.matvec, first.n_params, probes, steps, generators, first.dtype, first.device,
-                           progress=_Passthrough(bar))
+    with first.progress(min(steps, first.n_params), f"SLQ {op.kind} spectral density of {len(ctxs)} cells") as bar:
+        return slq_stacked(lambda V: op.matmat(V.transpose(1, 2)).transpose(1, 2), first.n_params, probes, steps,
+                           generators, first.dtype, first.device, progress=_Passthrough(bar))

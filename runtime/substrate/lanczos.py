@@ -5,10 +5,11 @@ orthonormal basis V_j of the Krylov space span{v, Av, ..., A^{j-1}v} with
 
     A V_j = V_j T_j + f_j e_jᵀ,      T_j = V_jᵀ A V_j  (tridiagonal in exact arithmetic)
 
-(Lanczos 1950). Every new vector is orthogonalized against the whole basis, a second
-time when the first pass cancelled most of it (Daniel, Gragg, Kaufman & Stewart 1976;
-"twice is enough", Giraud et al. 2005). This keeps V_j orthonormal to rounding and rules
-out the ghost copies of converged eigenvalues plain Lanczos produces (Paige 1971).
+(Lanczos 1950). Every new vector is orthogonalized against the whole basis: after the
+three-term recurrence, by one full Gram-Schmidt pass, and a second when that pass cancelled
+most of it (Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough", Giraud et al. 2005).
+This keeps V_j orthonormal to rounding and rules out the ghost copies of converged
+eigenvalues plain Lanczos produces (Paige 1971).
 T_j is filled with the computed projections, so after a restart it holds the
 arrowhead block of the kept Ritz vectors exactly.
 
@@ -66,88 +67,118 @@ class Eigenpairs:
 
 
 class _Krylov:
-    """An orthonormal Krylov basis (rows of ``V``) and the projection ``T = V A Vᵀ``."""
+    """m orthonormal Krylov bases (``V[i]``, one per row, advanced together) and the projections
+    ``T[i] = V[i] A_i V[i]ᵀ``; every row is at the same step ``j``."""
 
-    def __init__(self, matvec: Callable, n: int, size: int, dtype, device, generator: torch.Generator):
-        self.matvec, self.n, self.generator = matvec, n, generator
+    def __init__(self, m: int, n: int, size: int, dtype, device):
+        self.n = n
         # empty, not zeros: every row is written before it is read, and zeroing a basis sized for
         # restarts touches far more memory than a run that converges early uses
-        self.V = torch.empty(size + 1, n, dtype=dtype, device=device)
-        self.T = torch.zeros(size + 1, size + 1, dtype=torch.float64)
-        self.j = 0          # products computed for rows 0..j-1; row j is the pending vector
-        self.residual = None  # f_j, orthogonal to the basis
-        self.beta = 0.0
+        self.V = torch.empty(m, size + 1, n, dtype=dtype, device=device)
+        self.T = torch.zeros(m, size + 1, size + 1, dtype=torch.float64)
+        self.j = 0          # products computed for rows 0..j-1 of each basis; row j is pending
+        self.arrow = 0      # rows up to here couple to every earlier row (the start, a restart's arrowhead)
+        self.residual = None  # f_j (m, n), orthogonal to the bases
+        self.beta = torch.zeros(m, dtype=torch.float64)  # ‖f_j‖ per row
 
-    def start(self, v: torch.Tensor) -> None:
-        self.V[0] = v / v.norm()
-        self.j = 0
+    def start(self, V0: torch.Tensor) -> None:
+        self.V[:, 0] = V0 / V0.norm(dim=1, keepdim=True)
+        self.j = self.arrow = 0
 
-    def _orthogonalize(self, w: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        Q = self.V[:rows]
-        before = w.norm()
-        h = Q @ w
-        w = w - Q.T @ h
-        # Second pass only when the first cancelled most of w (Daniel, Gragg, Kaufman & Stewart
+    def _orthogonalize(self, W: torch.Tensor, rows: int, bases=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """W (one vector per basis in ``bases``) minus its projections on the first ``rows``
+        vectors of its basis, and the projections."""
+        Q = self.V[bases, :rows]
+        before = W.norm(dim=1)
+        h = torch.bmm(Q, W[:, :, None])[:, :, 0]
+        # Qᵀh as hᵀQ: bmm reads Q row-major; through Q.transpose it measured 5-12x slower on CPU
+        W = W - torch.bmm(h[:, None, :], Q)[:, 0]
+        # Second pass only where the first cancelled most of w (Daniel, Gragg, Kaufman & Stewart
         # 1976): then rounding may have left components along Q; otherwise one pass is enough.
-        if w.norm() < 0.7 * before:
-            h2 = Q @ w
-            w, h = w - Q.T @ h2, h + h2
-        return w, h
+        again = W.norm(dim=1) < 0.7 * before
+        if bool(again.any()):
+            h2 = torch.bmm(Q, W[:, :, None])[:, :, 0]
+            W = torch.where(again[:, None], W - torch.bmm(h2[:, None, :], Q)[:, 0], W)
+            h = torch.where(again[:, None], h + h2, h)
+        return W, h
 
     def pending(self) -> torch.Tensor:
-        """The vector whose product the next step needs."""
-        return self.V[self.j]
+        """The vectors (m, n) whose products the next step needs."""
+        return self.V[:, self.j]
 
-    def step(self) -> None:
-        self.accept(self.matvec(self.pending()))
-
-    def accept(self, w: torch.Tensor) -> None:
-        """Extend the basis with the product ``w = A v_j`` of the pending vector."""
+    def accept(self, W: torch.Tensor) -> None:
+        """Extend each basis with the product ``A_i v_j`` of its pending vector (rows of ``W``)."""
         j = self.j
-        w = w.to(self.V)
-        w, h = self._orthogonalize(w, j + 1)
+        W = W.to(self.V)
+        local = None
+        if j > self.arrow:
+            # The three-term recurrence first: in exact arithmetic A v_j = β_{j-1} v_{j-1} + α_j v_j
+            # + β_j v_{j+1}. What it leaves along the basis is rounding, which one full pass then
+            # removes without the cancellation that made a second pass necessary at almost every
+            # step: the basis is read twice a step instead of four times (memory-bound for large n).
+            previous, current = self.V[:, j - 1], self.V[:, j]
+            coupling = self.beta.to(W)
+            W = W - coupling[:, None] * previous
+            alpha = (W * current).sum(dim=1)
+            W = W - alpha[:, None] * current
+            local = torch.zeros(W.shape[0], j + 1, dtype=W.dtype, device=W.device)
+            local[:, j - 1], local[:, j] = coupling, alpha
+        W, h = self._orthogonalize(W, j + 1)
+        if local is not None:
+            h = h + local
         h = h.to("cpu", torch.float64)
-        self.T[: j + 1, j] = h
-        self.T[j, : j + 1] = h
-        self.residual, self.beta = w, float(w.norm())
+        self.T[:, : j + 1, j] = h
+        self.T[:, j, : j + 1] = h
+        self.residual, self.beta = W, W.norm(dim=1).to("cpu", torch.float64)
         self.j = j + 1
 
-    def advance(self, scale: float) -> None:
-        """Make the normalized residual the pending vector (a fresh direction on breakdown)."""
-        w = self.residual
-        if self.beta <= 1e-12 * max(scale, 1e-300) and self.j < self.n:
-            # An invariant subspace: the spectrum seen so far is exact; continue in a
-            # random direction orthogonal to it (its coupling to the basis is zero).
-            w = torch.randn(self.n, generator=self.generator, dtype=torch.float64).to(self.V)
-            w, _ = self._orthogonalize(w, self.j)
-        self.V[self.j] = w / w.norm()
+    def advance(self, scale: torch.Tensor, active: torch.Tensor, generators=None) -> None:
+        """Make the normalized residuals the pending vectors of the ``active`` rows (the others
+        get zeros). With ``generators``, a row whose residual vanished continues in a fresh
+        random direction orthogonal to its basis: its Krylov space is invariant, the spectrum
+        seen so far exact, and the new direction's coupling to the basis is zero."""
+        W, j = self.residual, self.j
+        broke = active & (self.beta <= 1e-12 * scale.clamp_min(1e-300))
+        if generators is not None and j < self.n and bool(broke.any()):
+            W = W.clone()
+            for i in broke.nonzero().flatten().tolist():
+                w = torch.randn(self.n, generator=generators[i], dtype=torch.float64).to(self.V)
+                W[i] = self._orthogonalize(w[None], j, slice(i, i + 1))[0][0]
+        keep = active.to(W.device)[:, None]
+        self.V[:, j] = torch.where(keep, W / torch.where(keep, W.norm(dim=1, keepdim=True), 1.0), 0.0)
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.linalg.eigh(self.T[: self.j, : self.j])
+        """Ritz values (m, j) ascending and the eigenvectors (m, j, j) of each ``T``."""
+        return torch.linalg.eigh(self.T[:, : self.j, : self.j])
 
     def restart(self, S_keep: torch.Tensor, theta_keep: torch.Tensor) -> None:
-        """Keep the Ritz vectors ``V_jᵀ S_keep`` and continue from the residual."""
-        l = S_keep.shape[1]
-        kept = S_keep.T.to(self.V) @ self.V[: self.j]
-        self.V[:l] = kept
+        """Keep the Ritz vectors ``V_iᵀ S_keep[i]`` of each row and continue from the residuals."""
+        l = S_keep.shape[2]
+        self.V[:, :l] = torch.bmm(S_keep.transpose(1, 2).to(self.V), self.V[:, : self.j])
         self.T.zero_()
-        self.T[:l, :l] = torch.diag(theta_keep)
-        self.j = l
+        self.T[:, :l, :l] = torch.diag_embed(theta_keep)
+        self.j = self.arrow = l
 
 
 def _wanted(theta: torch.Tensor, which: str) -> torch.Tensor:
-    """Indices of the Ritz values from the wanted end, most extreme first."""
-    return torch.argsort(theta, descending=(which == "top"))
+    """Indices of each row's Ritz values from the wanted end, most extreme first."""
+    return torch.argsort(theta, dim=1, descending=(which == "top"))
 
 
 def _error_bounds(theta: torch.Tensor, residuals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    if len(theta) == 1:
-        return residuals[idx]
-    diff = (theta[idx, None] - theta[None, :]).abs()
-    diff[torch.arange(len(idx)), idx] = float("inf")
-    gap = (diff - residuals[None, :]).min(dim=1).values.clamp_min(1e-300)
-    r = residuals[idx]
+    """min(r_i, r_i²/gap_i) for the Ritz values ``idx`` (m, k) of each row."""
+    r = residuals.gather(1, idx)
+    if theta.shape[1] == 1:
+        return r
+    diff = (theta.gather(1, idx)[:, :, None] - theta[:, None, :]).abs()
+    diff.scatter_(2, idx[:, :, None], float("inf"))
+    gap = (diff - residuals[:, None, :]).min(dim=2).values.clamp_min(1e-300)
     return torch.minimum(r, r * r / gap)
+
+
+def one_row(matvec: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The block product (1, n) -> (1, n) of a routine of one row, from a product of one vector."""
+    return lambda V: matvec(V[0])[None]
 
 
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, which: str = "top", *,
@@ -157,41 +188,47 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, whic
             progress=None) -> Eigenpairs:
     """The ``k`` largest (``which="top"``) or smallest (``"bottom"``) eigenpairs of a symmetric operator.
 
-    ``matvec`` maps an (n,) tensor to an (n,) tensor. See :func:`lanczos_steps`.
+    ``matvec`` maps an (n,) tensor to an (n,) tensor. See :func:`lanczos_rows`.
     """
-    return drive(lanczos_steps(n, k, which, tol=tol, max_matvecs=max_matvecs, max_basis=max_basis, v0=v0,
-                               generator=generator, dtype=dtype, device=device, progress=progress), matvec)
+    routine = lanczos_rows(n, k, which, generators=[generator or torch.Generator().manual_seed(0)], tol=tol,
+                           max_matvecs=max_matvecs, max_basis=max_basis, V0=None if v0 is None else v0[None],
+                           dtype=dtype, device=device, progress=progress)
+    return drive(routine, one_row(matvec))[0]
 
 
-def lanczos_steps(n: int, k: int, which: str = "top", *, tol: float = 1e-4, max_matvecs: int | None = None,
-                  max_basis: int | None = None, v0: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
-                  device: torch.device | str = "cpu", progress=None) -> Routine:
-    """:func:`lanczos` as a coroutine (:mod:`lockstep`): yields each vector to multiply, returns
-    the :class:`Eigenpairs`.
+def lanczos_rows(n: int, k: int, which: str = "top", *, generators: list[torch.Generator], tol: float = 1e-4,
+                 max_matvecs: int | None = None, max_basis: int | None = None, V0: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu", progress=None) -> Routine:
+    """:func:`lanczos` of m operators at once, as a coroutine (:mod:`lockstep`): it yields (m, n)
+    blocks, row i to be multiplied by operator i, and returns m :class:`Eigenpairs`.
 
-    The start vector is ``v0`` or a
-    Gaussian drawn from ``generator``. ``max_basis`` bounds the stored basis (thick
+    Row i starts from ``V0[i]`` or a Gaussian drawn from ``generators[i]`` and takes exactly
+    the steps it would take alone (its own stopping test, restarts at the same step); the
+    bookkeeping of all rows is batched (``bmm``, one batched ``eigh`` per step). A row that
+    has converged is sent zeros from then on. ``max_basis`` bounds each stored basis (thick
     restart beyond it; default: as many vectors as fit in ``BASIS_BYTES``, between 2k + 20
-    and 200, at most n); ``max_matvecs``
-    bounds the products (default ``max(500, 50 k)``). If the budget runs out first,
-    ``converged`` is False and ``errors`` says how far off the values may be.
+    and 200, at most n); ``max_matvecs`` bounds the products (default ``max(500, 50 k)``).
+    If the budget runs out first, ``converged`` is False and ``errors`` says how far off
+    the values may be.
     """
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom', not {which!r}")
     if not 1 <= k <= n:
         raise ValueError(f"cannot compute {k} eigenpairs of an operator of size {n}")
-    generator = generator or torch.Generator().manual_seed(0)
+    m = len(generators)
     itemsize = torch.finfo(dtype).bits // 8
     size = min(n, max_basis or max(2 * k + 20, min(200, BASIS_BYTES // (n * itemsize))))
     if size < min(n, k + 2):
         raise ValueError(f"max_basis={max_basis} must exceed k + 1 = {k + 1}")
     budget = max_matvecs or max(500, 50 * k)
-    v0 = torch.randn(n, generator=generator, dtype=torch.float64) if v0 is None else v0
-    krylov = _Krylov(None, n, size, dtype, device, generator)
-    krylov.start(v0.to(device=device, dtype=dtype))
+    if V0 is None:
+        V0 = torch.stack([torch.randn(n, generator=g, dtype=torch.float64) for g in generators])
+    krylov = _Krylov(m, n, size, dtype, device)
+    krylov.start(V0.to(device=device, dtype=dtype))
+    active = torch.ones(m, dtype=torch.bool)
+    results: list[Eigenpairs | None] = [None] * m
     matvecs = restarts = 0
-    scale = 0.0
+    scale = torch.zeros(m, dtype=torch.float64)
     with (progress or contextlib.nullcontext()) as bar:
         while True:
             krylov.accept((yield krylov.pending()))
@@ -199,99 +236,78 @@ def lanczos_steps(n: int, k: int, which: str = "top", *, tol: float = 1e-4, max_
             if bar is not None:
                 bar.advance(1)
             theta, S = krylov.ritz()
-            scale = max(scale, float(theta.abs().max()))
-            residuals = krylov.beta * S[-1].abs()
-            idx = _wanted(theta, which)[:k]
-            errors = _error_bounds(theta, residuals, idx) if krylov.j >= k else None
-            exact = krylov.j == n  # the basis spans the whole space
-            converged = exact or (
-                errors is not None and krylov.j > k
-                and bool((errors <= tol * torch.clamp(theta[idx].abs(), min=tol * scale)).all())
-            )
-            if converged or matvecs >= budget:
-                if exact:
-                    errors = torch.zeros(k, dtype=torch.float64)
-                vectors = S[:, idx].to(krylov.V).T @ krylov.V[: krylov.j]
-                return Eigenpairs(theta[idx], vectors.T.contiguous(), errors.clone(), converged, matvecs, restarts)
-            if krylov.j == size:
-                keep = min(krylov.j - 1, k + (size - k) // 2)
-                order = _wanted(theta, which)[:keep]
-                krylov.restart(S[:, order], theta[order])
+            j = krylov.j
+            scale = torch.maximum(scale, theta.abs().amax(dim=1))
+            residuals = krylov.beta[:, None] * S[:, -1].abs()
+            order = _wanted(theta, which)
+            idx = order[:, :k]
+            values = theta.gather(1, idx)
+            if j == n:  # the bases span the whole space: the values are exact
+                errors = torch.zeros(m, k, dtype=torch.float64)
+                converged = torch.ones(m, dtype=torch.bool)
+            elif j >= k:
+                errors = _error_bounds(theta, residuals, idx)
+                converged = (errors <= tol * torch.maximum(values.abs(), tol * scale[:, None])).all(dim=1) & (j > k)
+            else:
+                errors = torch.full((m, k), float("inf"), dtype=torch.float64)
+                converged = torch.zeros(m, dtype=torch.bool)
+            done = active & (converged | (matvecs >= budget))
+            for i in done.nonzero().flatten().tolist():
+                vectors = S[i][:, idx[i]].to(krylov.V).T @ krylov.V[i, :j]
+                results[i] = Eigenpairs(values[i], vectors.T.contiguous(), errors[i].clone(), bool(converged[i]),
+                                        matvecs, restarts)
+            active &= ~done
+            if not bool(active.any()):
+                return results
+            if j == size:
+                keep = order[:, : min(j - 1, k + (size - k) // 2)]
+                krylov.restart(S.gather(2, keep[:, None, :].expand(m, j, keep.shape[1])), theta.gather(1, keep))
                 restarts += 1
-            krylov.advance(scale)
+            krylov.advance(scale, active, generators)
 
 
-def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, steps: int,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, steps: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes θ (m,) and weights τ (m,) of the Gauss rule ``vᵀ f(A) v / ‖v‖² ≈ Σ τ_i f(θ_i)``.
 
     ``m = min(steps, n)``; the iteration stops early (fewer nodes) when the Krylov space
     becomes invariant, where the rule is already exact.
     """
-    return drive(quadrature_steps(v, steps, generator), matvec)
+    return drive(quadrature_rows(v[None], steps), one_row(matvec))[0]
 
 
-def quadrature_steps(v: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> Routine:
-    """:func:`lanczos_quadrature` as a coroutine (:mod:`lockstep`)."""
-    n = v.numel()
-    steps = min(steps, n)
-    krylov = _Krylov(None, n, steps, v.dtype, v.device, generator or torch.Generator().manual_seed(0))
-    krylov.start(v)
-    scale = 0.0
-    for _ in range(steps):
-        krylov.accept((yield krylov.pending()))
-        scale = max(scale, float(krylov.T[: krylov.j, : krylov.j].abs().max()))
-        if krylov.beta <= 1e-12 * max(scale, 1e-300) or krylov.j == steps:
-            break
-        krylov.advance(scale)
-    theta, S = krylov.ritz()
-    return theta, S[0] ** 2
+def quadrature_rows(V0: torch.Tensor, steps: int, progress=None) -> Routine:
+    """:func:`lanczos_quadrature` of each row of ``V0`` (m, n), as one coroutine (:mod:`lockstep`).
 
-
-def quadrature_stacked(apply: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor,
-                       steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`lanczos_quadrature` of m start vectors (rows of ``V0``) against a stacked operator.
-
-    ``apply`` maps (m, n) to (m, n) row by row (row j by operator j, e.g. the stacked models
-    of batched cells). The m recurrences take the steps :func:`quadrature_steps` takes for
-    each alone (the same reorthogonalization and the same early stop on an invariant
-    subspace), with the basis bookkeeping batched (one ``bmm`` per step instead of m small
-    products); a row that has stopped is sent a zero vector.
+    It yields an (m, n) block and receives the block's products row by row: row i by the
+    operator of row i, which may be one operator for all rows (the probe vectors of SLQ) or
+    a different one per row (the stacked models of batched cells). The m recurrences are
+    independent and each takes the steps it would take alone (the same reorthogonalization,
+    the same early stop on an invariant subspace); only their bookkeeping is batched.
+    A row that has stopped is sent zeros. Returns the m rules ``(θ, τ)``.
     """
     m, n = V0.shape
     steps = min(steps, n)
-    V = torch.zeros(m, steps + 1, n, dtype=V0.dtype, device=V0.device)
-    T = torch.zeros(m, steps + 1, steps + 1, dtype=torch.float64)
-    V[:, 0] = V0 / V0.norm(dim=1, keepdim=True)
+    krylov = _Krylov(m, n, steps, V0.dtype, V0.device)
+    krylov.start(V0)
     active = torch.ones(m, dtype=torch.bool)
     length = torch.zeros(m, dtype=torch.long)
     scale = torch.zeros(m, dtype=torch.float64)
-    for j in range(steps):
-        W = apply(V[:, j]).to(V)
-        Q = V[:, : j + 1]
-        before = W.norm(dim=1)
-        h = torch.bmm(Q, W[:, :, None])[:, :, 0]
-        W = W - torch.bmm(Q.transpose(1, 2), h[:, :, None])[:, :, 0]
-        again = W.norm(dim=1) < 0.7 * before  # as _Krylov._orthogonalize, row by row
-        if bool(again.any()):
-            h2 = torch.bmm(Q, W[:, :, None])[:, :, 0]
-            W = torch.where(again[:, None], W - torch.bmm(Q.transpose(1, 2), h2[:, :, None])[:, :, 0], W)
-            h = torch.where(again[:, None], h + h2, h)
-        h = h.to("cpu", torch.float64)
-        rows = active.nonzero().flatten()
-        T[rows, : j + 1, j] = h[rows]
-        T[rows, j, : j + 1] = h[rows]
-        beta = W.norm(dim=1).to("cpu", torch.float64)
-        scale[rows] = torch.maximum(scale[rows], T[rows, : j + 1, : j + 1].abs().amax(dim=(1, 2)))
-        length[rows] = j + 1
-        stop = active & ((beta <= 1e-12 * scale.clamp_min(1e-300)) | (j + 1 == steps))
-        active &= ~stop
-        if not bool(active.any()):
-            break
-        keep = active.to(W.device)[:, None]
-        V[:, j + 1] = torch.where(keep, W / torch.where(keep, W.norm(dim=1, keepdim=True), 1.0), 0.0)
+    with (progress or contextlib.nullcontext()) as bar:
+        for _ in range(steps):
+            krylov.accept((yield krylov.pending()))
+            if bar is not None:
+                bar.advance(1)
+            j = krylov.j
+            # the largest |T| entry so far: T changes only in its new row and column
+            scale = torch.where(active, torch.maximum(scale, krylov.T[:, :j, j - 1].abs().amax(dim=1)), scale)
+            length[active] = j
+            active &= ~((krylov.beta <= 1e-12 * scale.clamp_min(1e-300)) | (j == steps))
+            if not bool(active.any()):
+                break
+            krylov.advance(scale, active)
     rules = []
     for i in range(m):
-        theta, S = torch.linalg.eigh(T[i, : length[i], : length[i]])
+        theta, S = torch.linalg.eigh(krylov.T[i, : length[i], : length[i]])
         rules.append((theta, S[0] ** 2))
     return rules

@@ -12,6 +12,10 @@ the product is computed:
   for all of them. Each routine follows exactly the steps it would take alone (its own
   start vectors, stopping rule and restarts); a routine that has finished is sent no
   more products and its row of V is zero.
+
+Lanczos and SLQ go one step further (:func:`lanczos.lanczos_rows`, :func:`lanczos.quadrature_rows`):
+one routine carries m recurrences as the rows of one block, so that their bookkeeping is
+batched too; :func:`drive` runs it against a stacked operator.
 """
 
 from __future__ import annotations

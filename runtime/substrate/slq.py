@@ -28,14 +28,13 @@ as the quadrature error (a bound, not a standard error).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from basinprobe.runtime.substrate.lanczos import quadrature_stacked, quadrature_steps
+from basinprobe.runtime.substrate.lanczos import quadrature_rows
 from basinprobe.runtime.substrate.lockstep import Routine, drive
 
 
@@ -58,53 +57,45 @@ def rademacher(n: int, count: int, generator: torch.Generator, dtype=torch.float
     return (torch.randint(0, 2, (count, n), generator=generator) * 2 - 1).to(dtype)
 
 
-def slq(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, probes: int, steps: int,
+def slq(apply: Callable[[torch.Tensor], torch.Tensor], n: int, probes: int, steps: int,
         generator: torch.Generator, dtype=torch.float64, device="cpu", progress=None) -> Quadrature:
-    """The Gauss rules of ``probes`` Rademacher vectors, ``steps`` Lanczos steps each."""
-    return drive(slq_steps(n, probes, steps, generator, dtype, device, progress), matvec)
+    """The Gauss rules of ``probes`` Rademacher vectors, ``steps`` Lanczos steps each.
+
+    ``apply`` multiplies a block: it maps (probes, n) to (probes, n), row by row, so that the
+    probes' products can be computed together where that is cheaper (a batched backward pass).
+    """
+    return drive(slq_steps(n, probes, steps, generator, dtype, device, progress), apply)
 
 
 def slq_steps(n: int, probes: int, steps: int, generator: torch.Generator, dtype=torch.float64, device="cpu",
               progress=None) -> Routine:
-    """:func:`slq` as a coroutine (:mod:`lockstep`)."""
-    steps = min(steps, n)
-    nodes = torch.zeros(probes, steps, dtype=torch.float64)
-    weights = torch.zeros(probes, steps, dtype=torch.float64)
-    matvecs = 0
-    V = rademacher(n, probes, generator)
-    with (progress or contextlib.nullcontext()) as bar:
-        for p in range(probes):
-            theta, tau = yield from quadrature_steps(V[p].to(device=device, dtype=dtype), steps, generator)
-            nodes[p, : len(theta)], weights[p, : len(tau)] = theta, tau
-            # Padding nodes sit at an existing node so that min/max of the nodes stay meaningful.
-            nodes[p, len(theta):] = theta[-1]
-            matvecs += len(theta)
-            if bar is not None:
-                bar.advance(1)
-    return Quadrature(nodes, weights, n, matvecs)
+    """:func:`slq` as a coroutine (:mod:`lockstep`): yields (probes, n) blocks."""
+    rules = yield from quadrature_rows(rademacher(n, probes, generator).to(device=device, dtype=dtype), steps,
+                                       progress)
+    return _quadrature(rules, n, min(steps, n))
 
 
 def slq_stacked(apply: Callable[[torch.Tensor], torch.Tensor], n: int, probes: int, steps: int,
                 generators: list[torch.Generator], dtype=torch.float64, device="cpu",
                 progress=None) -> list[Quadrature]:
-    """:func:`slq` of m operators at once (``apply`` maps (m, n) to (m, n) row by row), operator j's
-    probe vectors drawn from ``generators[j]`` exactly as :func:`slq` draws them."""
+    """:func:`slq` of m operators at once, operator j's probe vectors drawn from ``generators[j]``
+    exactly as :func:`slq` draws them; ``apply`` maps (m, probes, n) to (m, probes, n), the
+    block of row j by operator j. All m·probes recurrences advance together."""
     m = len(generators)
-    steps = min(steps, n)
-    probe_vectors = [rademacher(n, probes, g) for g in generators]
-    nodes = torch.zeros(m, probes, steps, dtype=torch.float64)
-    weights = torch.zeros(m, probes, steps, dtype=torch.float64)
-    matvecs = [0] * m
-    with (progress or contextlib.nullcontext()) as bar:
-        for p in range(probes):
-            V0 = torch.stack([V[p] for V in probe_vectors]).to(device=device, dtype=dtype)
-            for i, (theta, tau) in enumerate(quadrature_stacked(apply, V0, steps)):
-                nodes[i, p, : len(theta)], weights[i, p, : len(tau)] = theta, tau
-                nodes[i, p, len(theta):] = theta[-1]
-                matvecs[i] += len(theta)
-            if bar is not None:
-                bar.advance(1)
-    return [Quadrature(nodes[i], weights[i], n, matvecs[i]) for i in range(m)]
+    V0 = torch.cat([rademacher(n, probes, g) for g in generators]).to(device=device, dtype=dtype)
+    rules = drive(quadrature_rows(V0, steps, progress), lambda V: apply(V.reshape(m, probes, n)).reshape(m * probes, n))
+    return [_quadrature(rules[i * probes:(i + 1) * probes], n, min(steps, n)) for i in range(m)]
+
+
+def _quadrature(rules: list[tuple[torch.Tensor, torch.Tensor]], n: int, steps: int) -> Quadrature:
+    """The rules of the probes, padded to ``steps`` nodes each."""
+    nodes = torch.zeros(len(rules), steps, dtype=torch.float64)
+    weights = torch.zeros(len(rules), steps, dtype=torch.float64)
+    for p, (theta, tau) in enumerate(rules):
+        nodes[p, : len(theta)], weights[p, : len(tau)] = theta, tau
+        # Padding nodes sit at an existing node so that min/max of the nodes stay meaningful.
+        nodes[p, len(theta):] = theta[-1]
+    return Quadrature(nodes, weights, n, sum(len(theta) for theta, _ in rules))
 
 
 def trace_function(q: Quadrature, f: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:

@@ -142,15 +142,10 @@ def measure(ctx, args, label):
         del H
     else:
         # 250 steps without early stop; each Ritz value is within its residual of an eigenvalue.
-        kr = _Krylov(op.matvec, n, 250, dtype, "cpu", torch.Generator().manual_seed(123))
-        kr.start(torch.randn(n, generator=torch.Generator().manual_seed(123), dtype=dtype))
-        for _ in range(250):
-            kr.step()
-            kr.advance(1.0)
-        theta, S = kr.ritz()
+        *_, (theta, S, beta) = krylov_run(op.matvec, n, 250, dtype, seed=123)
         top = torch.argsort(theta, descending=True)[:K]
         ref = theta[top].numpy()
-        residual = float((kr.beta * S[-1, top].abs()).max())
+        residual = float((beta * S[-1, top].abs()).max())
         print(f"reference: 250 Lanczos steps, every value within {residual:.1e} (its residual) of an eigenvalue")
     print("top-10 eigenvalues:", np.array2string(ref, precision=6))
 
@@ -197,6 +192,22 @@ def measure(ctx, args, label):
         start_vector_spread(op.matvec, n, dtype, ref, args.start_vectors)
 
 
+def krylov_run(matvec, n, steps, dtype, seed):
+    """Lanczos with full reorthogonalization and no stopping rule, from the start vector that
+    ``lanczos(..., generator=torch.Generator().manual_seed(seed))`` draws: yields the Ritz
+    values, their vectors in the basis and the residual norm after each product."""
+    g = torch.Generator().manual_seed(seed)
+    krylov = _Krylov(1, n, steps, dtype, "cpu")
+    krylov.start(torch.randn(n, generator=g, dtype=torch.float64).to(dtype)[None])
+    active, scale = torch.ones(1, dtype=torch.bool), torch.ones(1, dtype=torch.float64)
+    for _ in range(steps):
+        krylov.accept(matvec(krylov.pending()[0])[None])
+        theta, S = krylov.ritz()
+        yield theta[0], S[0], float(krylov.beta[0])
+        if krylov.j < steps:
+            krylov.advance(scale, active, [g])
+
+
 def start_vector_spread(matvec, n, dtype, ref, seeds):
     """Products to the adaptive stop, and the fewest after which the top-K Ritz values are
     within TOL of the reference (the floor of any stopping rule on this Krylov space: Ritz
@@ -205,16 +216,12 @@ def start_vector_spread(matvec, n, dtype, ref, seeds):
     certified, floors = [], []
     for seed in range(seeds):
         result = lanczos(matvec, n, K, tol=TOL, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-        g = torch.Generator().manual_seed(seed)
-        krylov = _Krylov(matvec, n, result.matvecs, dtype, "cpu", g)
-        krylov.start(torch.randn(n, generator=g, dtype=torch.float64).to(dtype))
         floor = None
-        while floor is None and krylov.j < result.matvecs:
-            krylov.step()
-            theta = krylov.ritz()[0].flip(0)[:K].double().numpy()
-            if len(theta) == K and np.max(np.abs(theta - ref) / np.abs(ref)) <= TOL:
-                floor = krylov.j
-            krylov.advance(1.0)
+        for j, (theta, _, _) in enumerate(krylov_run(matvec, n, result.matvecs, dtype, seed), start=1):
+            top = theta.flip(0)[:K].double().numpy()
+            if len(top) == K and np.max(np.abs(top - ref) / np.abs(ref)) <= TOL:
+                floor = j
+                break
         certified.append(result.matvecs)
         floors.append(floor or result.matvecs)
         print(f"seed {seed:3d}: certified stop {result.matvecs:4d} products, oracle floor {floors[-1]:4d}")

@@ -13,7 +13,7 @@ from basinprobe.runtime.models import make_mlp
 from basinprobe.runtime.substrate.dense import dense_hessian, dense_operator
 from basinprobe.runtime.substrate.hvp import curvature_operator
 from basinprobe.runtime.substrate.lanczos import lanczos, lanczos_quadrature
-from basinprobe.runtime.substrate.slq import density_grid, slq, spectral_density, trace_function
+from basinprobe.runtime.substrate.slq import density_grid, rademacher, slq, spectral_density, trace_function
 from basinprobe.runtime.substrate.trace import hutchinson, hutchpp
 from basinprobe.runtime.substrate.volume import (log_unit_ball_volume, monte_carlo_log_volume, ray_radii,
                                                  uniform_directions)
@@ -230,6 +230,63 @@ def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue():
     assert torch.allclose(result.values, torch.tensor([5.0, 5.0, 5.0, 1.0], dtype=F64), atol=1e-9)
 
 
+def test_the_krylov_basis_stays_orthonormal_to_rounding_after_eigenvalues_converge():
+    # Outliers converge within a few dozen steps; plain Lanczos then loses orthogonality along
+    # their Ritz vectors (ghost copies). The recurrence plus one full pass must prevent it.
+    from basinprobe.runtime.substrate.lanczos import _Krylov
+
+    n, steps = 300, 150
+    A = known_matrix(torch.cat([torch.tensor([50.0, 40.0, 30.0]), torch.linspace(0, 1, n - 3)]), seed=6)
+    krylov = _Krylov(1, n, steps, F64, "cpu")
+    krylov.start(torch.randn(1, n, generator=torch.Generator().manual_seed(6), dtype=F64))
+    active, scale = torch.ones(1, dtype=torch.bool), torch.ones(1, dtype=F64)
+    for _ in range(steps):
+        krylov.accept(krylov.pending() @ A)
+        krylov.advance(scale, active)
+    V = krylov.V[0, :steps]
+    assert (V @ V.T - torch.eye(steps, dtype=F64)).abs().max() < 1e-13
+    theta = torch.linalg.eigvalsh(krylov.T[0, :steps, :steps])
+    assert int((theta > 29.0).sum()) == 3  # no ghost copies of the outliers
+    # T is the projection VᵀAV
+    assert torch.allclose(krylov.T[0, :steps, :steps], V @ A @ V.T, atol=1e-12)
+
+
+def test_lanczos_rows_take_each_operator_through_the_steps_it_takes_alone():
+    # One restarts (max_basis 12), one breaks down (a repeated eigenvalue), one converges early
+    # and is then sent zeros; each row must end exactly as lanczos() on its operator alone.
+    from basinprobe.runtime.substrate.lanczos import lanczos_rows
+    from basinprobe.runtime.substrate.lockstep import drive
+
+    n = 60
+    A = torch.stack([
+        known_matrix(torch.cat([torch.tensor([10.0, 9.0, 8.5, 8.0]), torch.linspace(0, 7, n - 4)]), seed=1),
+        known_matrix([5.0] * 3 + [1.0] * (n - 3), seed=2),
+        known_matrix(torch.cat([torch.tensor([100.0, 50.0, 20.0, 10.0]), torch.linspace(0, 1, n - 4)]), seed=3),
+    ])
+    sent = []
+
+    def apply(V):
+        sent.append(V.clone())
+        return torch.einsum("mij,mj->mi", A, V)
+
+    generators = [torch.Generator().manual_seed(s) for s in range(3)]
+    together = drive(lanczos_rows(n, 4, generators=generators, tol=1e-10, max_basis=12), apply)
+    alone = [lanczos(lambda v, a=a: a @ v, n, 4, tol=1e-10, max_basis=12, generator=torch.Generator().manual_seed(s))
+             for s, a in enumerate(A)]
+    for i, (row, single) in enumerate(zip(together, alone)):
+        assert (row.matvecs, row.restarts, row.converged) == (single.matvecs, single.restarts, True)
+        assert torch.allclose(row.values, single.values, rtol=1e-12)
+        assert all(bool((V[i] == 0).all()) for V in sent[row.matvecs:])
+    for i in (0, 2):
+        assert torch.allclose(together[i].vectors, alone[i].vectors, atol=1e-10)
+    # a repeated eigenvalue's vectors are any basis of its eigenspace: compare the projectors on it
+    U, W = together[1].vectors[:, :3], alone[1].vectors[:, :3]
+    assert torch.allclose(U @ U.T, W @ W.T, atol=1e-9)
+    assert together[0].restarts > 0
+    assert torch.allclose(together[1].values, torch.tensor([5.0, 5.0, 5.0, 1.0], dtype=F64), atol=1e-9)
+    assert together[2].matvecs < together[0].matvecs == len(sent)
+
+
 def test_lanczos_quadrature_is_exact_for_polynomials_of_degree_below_2m():
     A = known_matrix(torch.linspace(-2, 2, 60, dtype=F64), seed=3)
     v = torch.randn(60, generator=torch.Generator().manual_seed(3), dtype=F64)
@@ -245,7 +302,7 @@ def test_lanczos_quadrature_is_exact_for_polynomials_of_degree_below_2m():
 def test_slq_log_determinant_is_within_three_standard_errors():
     eigenvalues = torch.logspace(-2, 1, 200, dtype=F64)
     A = known_matrix(eigenvalues, seed=4)
-    q = slq(lambda v: A @ v, 200, probes=30, steps=25, generator=torch.Generator().manual_seed(4))
+    q = slq(lambda V: V @ A, 200, probes=30, steps=25, generator=torch.Generator().manual_seed(4))
     estimate, stderr = trace_function(q, torch.log)
     exact = float(eigenvalues.log().sum())  # log det A = Σ log λ_i
     assert 0 < stderr < 0.1 * abs(exact)
@@ -256,7 +313,7 @@ def test_slq_log_determinant_is_within_three_standard_errors():
 def test_slq_density_integrates_to_one_and_has_mean_trace_over_n():
     eigenvalues = torch.cat([torch.linspace(-1, 1, 150, dtype=F64), torch.tensor([4.0, 6.0], dtype=F64)])
     A = known_matrix(eigenvalues, seed=5)
-    q = slq(lambda v: A @ v, 152, probes=10, steps=20, generator=torch.Generator().manual_seed(5))
+    q = slq(lambda V: V @ A, 152, probes=10, steps=20, generator=torch.Generator().manual_seed(5))
     grid, sigma = density_grid(q.nodes, 400, 0.01)
     phi = spectral_density(q.nodes, q.weights, grid, sigma)
     assert float(torch.trapezoid(phi, grid)) == pytest.approx(1.0, abs=1e-6)
@@ -370,29 +427,39 @@ def test_compiled_hvp_path_gives_the_products_of_the_cached_graph(monkeypatch):
 def test_stacked_quadrature_and_slq_equal_the_one_operator_runs_also_with_early_breakdown():
     # Three operators at once; the second has only 3 distinct eigenvalues, so its Krylov space is
     # invariant after 3 steps and its rule stops there (fewer nodes), as lanczos_quadrature does.
-    from basinprobe.runtime.substrate.lanczos import quadrature_stacked
+    from basinprobe.runtime.substrate.lanczos import quadrature_rows
+    from basinprobe.runtime.substrate.lockstep import drive
     from basinprobe.runtime.substrate.slq import slq_stacked
 
     n = 12
     A = torch.stack([known_matrix(torch.linspace(-1, 3, n), seed=1),
                      known_matrix([0.5] * 4 + [2.0] * 4 + [-1.0] * 4, seed=2),
                      known_matrix(torch.logspace(-3, 1, n), seed=3)])
+    V0 = torch.randn(3, n, generator=torch.Generator().manual_seed(4), dtype=F64)
+    sent = []
 
     def apply(V):
+        sent.append(V.clone())
         return torch.einsum("mij,mj->mi", A, V)
 
-    V0 = torch.randn(3, n, generator=torch.Generator().manual_seed(4), dtype=F64)
-    for (theta, tau), a, v in zip(quadrature_stacked(apply, V0, 8), A, V0):
+    rules = drive(quadrature_rows(V0, 8), apply)
+    for (theta, tau), a, v in zip(rules, A, V0):
         theta1, tau1 = lanczos_quadrature(lambda x, a=a: a @ x, v, 8)
         assert len(theta) == len(theta1)
         assert torch.allclose(theta, theta1, atol=1e-12) and torch.allclose(tau, tau1, atol=1e-12)
-    assert len(quadrature_stacked(apply, V0, 8)[1][0]) == 3
+    assert len(rules[1][0]) == 3
+    assert len(sent) == 8 and all(bool((V[1] == 0).all()) for V in sent[3:])  # a stopped row is sent zeros
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
-    stacked = slq_stacked(apply, n, 4, 8, gens)
+    stacked = slq_stacked(lambda V: torch.einsum("mij,mpj->mpi", A, V), n, 4, 8, gens)
     for q, a, s in zip(stacked, A, range(3)):
-        alone = slq(lambda x, a=a: a @ x, n, 4, 8, torch.Generator().manual_seed(s))
+        alone = slq(lambda V, a=a: V @ a, n, 4, 8, torch.Generator().manual_seed(s))
         assert q.matvecs == alone.matvecs
         assert torch.allclose(q.nodes, alone.nodes, atol=1e-12) and torch.allclose(q.weights, alone.weights, atol=1e-12)
+        # each probe's rule is the one Lanczos quadrature gives for that probe vector alone
+        probe = rademacher(n, 4, torch.Generator().manual_seed(s))[2]
+        theta1, tau1 = lanczos_quadrature(lambda x, a=a: a @ x, probe, 8)
+        assert torch.allclose(alone.nodes[2, : len(theta1)], theta1, atol=1e-12)
+        assert torch.allclose(alone.weights[2, : len(tau1)], tau1, atol=1e-12)
 
 
 def test_auto_method_forms_the_matrix_for_a_whole_spectrum_but_counts_products_for_extremes():
