@@ -85,22 +85,26 @@ class _Krylov:
         self.V[:, 0] = V0 / V0.norm(dim=1, keepdim=True)
         self.j = self.arrow = 0
 
-    def _orthogonalize(self, W: torch.Tensor, rows: int, bases=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    def _orthogonalize(self, W: torch.Tensor, rows: int, bases=slice(None)
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """W (one vector per basis in ``bases``) minus its projections on the first ``rows``
-        vectors of its basis, and the projections."""
+        vectors of its basis, the projections, and the norms of the result."""
         Q = self.V[bases, :rows]
         before = W.norm(dim=1)
         h = torch.bmm(Q, W[:, :, None])[:, :, 0]
-        # Qᵀh as hᵀQ: bmm reads Q row-major; through Q.transpose it measured 5-12x slower on CPU
-        W = W - torch.bmm(h[:, None, :], Q)[:, 0]
+        # W - Qᵀh as one baddbmm of hᵀQ: bmm reads Q row-major, and through Q.transpose it
+        # measured 5-12x slower on CPU
+        W = torch.baddbmm(W[:, None, :], h[:, None, :], Q, alpha=-1)[:, 0]
+        after = W.norm(dim=1)
         # Second pass only where the first cancelled most of w (Daniel, Gragg, Kaufman & Stewart
         # 1976): then rounding may have left components along Q; otherwise one pass is enough.
-        again = W.norm(dim=1) < 0.7 * before
+        again = after < 0.7 * before
         if bool(again.any()):
             h2 = torch.bmm(Q, W[:, :, None])[:, :, 0]
-            W = torch.where(again[:, None], W - torch.bmm(h2[:, None, :], Q)[:, 0], W)
+            W = torch.where(again[:, None], torch.baddbmm(W[:, None, :], h2[:, None, :], Q, alpha=-1)[:, 0], W)
             h = torch.where(again[:, None], h + h2, h)
-        return W, h
+            after = W.norm(dim=1)
+        return W, h, after
 
     def pending(self) -> torch.Tensor:
         """The vectors (m, n) whose products the next step needs."""
@@ -118,18 +122,18 @@ class _Krylov:
             # step: the basis is read twice a step instead of four times (memory-bound for large n).
             previous, current = self.V[:, j - 1], self.V[:, j]
             coupling = self.beta.to(W)
-            W = W - coupling[:, None] * previous
-            alpha = (W * current).sum(dim=1)
-            W = W - alpha[:, None] * current
+            W = torch.addcmul(W, coupling[:, None], previous, value=-1)
+            alpha = torch.bmm(W[:, None, :], current[:, :, None])[:, 0, 0]
+            W = torch.addcmul(W, alpha[:, None], current, value=-1)
             local = torch.zeros(W.shape[0], j + 1, dtype=W.dtype, device=W.device)
             local[:, j - 1], local[:, j] = coupling, alpha
-        W, h = self._orthogonalize(W, j + 1)
+        W, h, norms = self._orthogonalize(W, j + 1)
         if local is not None:
             h = h + local
         h = h.to("cpu", torch.float64)
         self.T[:, : j + 1, j] = h
         self.T[:, j, : j + 1] = h
-        self.residual, self.beta = W, W.norm(dim=1).to("cpu", torch.float64)
+        self.residual, self.beta = W, norms.to("cpu", torch.float64)
         self.j = j + 1
 
     def advance(self, scale: torch.Tensor, active: torch.Tensor, generators=None) -> None:
@@ -138,14 +142,19 @@ class _Krylov:
         random direction orthogonal to its basis: its Krylov space is invariant, the spectrum
         seen so far exact, and the new direction's coupling to the basis is zero."""
         W, j = self.residual, self.j
+        norms = self.beta.to(W)
         broke = active & (self.beta <= 1e-12 * scale.clamp_min(1e-300))
         if generators is not None and j < self.n and bool(broke.any()):
-            W = W.clone()
+            W, norms = W.clone(), norms.clone()
             for i in broke.nonzero().flatten().tolist():
                 w = torch.randn(self.n, generator=generators[i], dtype=torch.float64).to(self.V)
-                W[i] = self._orthogonalize(w[None], j, slice(i, i + 1))[0][0]
-        keep = active.to(W.device)[:, None]
-        self.V[:, j] = torch.where(keep, W / torch.where(keep, W.norm(dim=1, keepdim=True), 1.0), 0.0)
+                w, _, norm = self._orthogonalize(w[None], j, slice(i, i + 1))
+                W[i], norms[i] = w[0], norm[0]
+        if bool(active.all()):
+            self.V[:, j] = W / norms[:, None]
+        else:
+            keep = active.to(W.device)[:, None]
+            self.V[:, j] = torch.where(keep, W / torch.where(keep, norms[:, None], 1.0), 0.0)
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ritz values (m, j) ascending and the eigenvectors (m, j, j) of each ``T``."""
