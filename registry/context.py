@@ -73,7 +73,8 @@ class Context(Protocol):
 
     # --- shared pieces, progress, warnings ---------------------------------------------
     def artifact(self, name: str, **kwargs) -> Any:
-        """A shared artifact of the runtime's substrate (computed once per cell per arguments)."""
+        """A shared artifact of the runtime's substrate (computed once per cell per arguments; those
+        registered ``run_shared``, asked ``at`` a checkpoint, once per training run)."""
 
     def progress(self, total: int, description: str) -> AbstractContextManager[Progress]:
         """A progress bar for long loops inside a probe."""

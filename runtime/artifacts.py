@@ -3,6 +3,13 @@
 A producer is ``fn(ctx, **kwargs) -> value``; :meth:`CellContext.artifact`
 caches its value per cell by ``(name, kwargs)``, so two probes that ask for
 ``hessian.eigen`` with ``k=20`` share one Lanczos run.
+
+A producer registered with ``run_shared=True`` computes, when asked with ``at`` (a
+checkpoint of the cell's training run), a value that is the same in every cell of that
+run: it seeds itself from the run and ``at``, not from the cell. Such values are cached
+per run, so the cells of a run (one per checkpoint) compute each checkpoint's value once
+instead of once each; a cell computed alone (resumed, or on another worker) gets the same
+value.
 """
 
 from __future__ import annotations
@@ -13,13 +20,16 @@ import pkgutil
 from typing import Callable
 
 PRODUCERS: dict[str, Callable] = {}
+RUN_SHARED: set[str] = set()
 
 
-def artifact(name: str):
-    """Decorator registering an artifact producer under ``name``."""
+def artifact(name: str, *, run_shared: bool = False):
+    """Decorator registering an artifact producer under ``name`` (``run_shared``: see above)."""
 
     def register(fn: Callable) -> Callable:
         PRODUCERS[name] = fn
+        if run_shared:
+            RUN_SHARED.add(name)
         return fn
 
     return register
@@ -47,6 +57,11 @@ def arguments(name: str, kwargs: dict) -> dict:
 
 
 def cache_key(name: str, kwargs: dict) -> tuple:
+    return request(name, kwargs)[0]
+
+
+def request(name: str, kwargs: dict) -> tuple[tuple, bool]:
+    """The cache key of a request, and whether its value is shared by the cells of the run."""
     def freeze(value):
         if isinstance(value, dict):
             return tuple(sorted((k, freeze(v)) for k, v in value.items()))
@@ -54,4 +69,5 @@ def cache_key(name: str, kwargs: dict) -> tuple:
             return tuple(freeze(v) for v in value)
         return value
 
-    return (name, freeze(arguments(name, kwargs)))
+    args = arguments(name, kwargs)
+    return (name, freeze(args)), name in RUN_SHARED and args.get("at") is not None

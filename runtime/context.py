@@ -50,6 +50,8 @@ class CellContext:
         batch_size: int | None = None,
         progress_factory: Callable = null_progress,
         compile: bool = False,
+        run_seed: int | None = None,
+        run_artifacts: dict | None = None,
     ):
         self.compile = compile  # wrap hot inner loops in torch.compile (substrate.compiled)
         self.device = torch.device(device)
@@ -69,6 +71,10 @@ class CellContext:
         self.loss_fn = loss_fn
         self.batch_size = batch_size or len(data.X_train)
         self.cell_seed = seed  # artifacts seed themselves from this, so sharing does not depend on order
+        # artifacts at a checkpoint of the training run seed themselves from the run and are
+        # cached for all of the run's cells (artifacts.RUN_SHARED)
+        self.run_seed = seed if run_seed is None else run_seed
+        self._run_artifacts = {} if run_artifacts is None else run_artifacts
         self.begin_entry(seed)
         self.cell = dict(cell or {})
         self.checkpoint = checkpoint
@@ -138,10 +144,11 @@ class CellContext:
 
     # --- shared pieces ------------------------------------------------------------------
     def artifact(self, name: str, **kwargs):
-        key = artifacts.cache_key(name, kwargs)
-        if key not in self._artifacts:
-            self._artifacts[key] = artifacts.producer(name)(self, **kwargs)
-        return self._artifacts[key]
+        key, run_shared = artifacts.request(name, kwargs)
+        cache = self._run_artifacts if run_shared else self._artifacts
+        if key not in cache:
+            cache[key] = artifacts.producer(name)(self, **kwargs)
+        return cache[key]
 
     def progress(self, total: int, description: str):
         return self._progress_factory(total, description)

@@ -201,6 +201,7 @@ class PointState:
     data: object
     loss_fn: object
     trajectory: dict[int, torch.Tensor]
+    artifacts: dict = field(default_factory=dict)  # computed at a checkpoint, shared by the point's cells
 
 
 def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) -> PointState:
@@ -221,6 +222,7 @@ def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) ->
 def _cell_context(point: PointPlan, state: PointState, checkpoint: int, shop: Workshop, reporter) -> CellContext:
     return CellContext(state.model, state.trajectory[checkpoint], state.data, state.loss_fn, device=shop.device,
                        dtype=shop.dtype, seed=derive_seed(point.config.seed, point.key, checkpoint),
+                       run_seed=derive_seed(point.config.seed, point.key), run_artifacts=state.artifacts,
                        cell={**point.coords, "checkpoint": checkpoint}, checkpoint=checkpoint,
                        trajectory=state.trajectory, batch_size=point.config.data.batch_size,
                        progress_factory=reporter.task, compile=bool(shop.spec.execution.get("compile", False)))

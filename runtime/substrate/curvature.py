@@ -69,10 +69,14 @@ def point(ctx, at: int | None) -> torch.Tensor:
         raise ValueError(f"no checkpoint at step {at} in this cell's trajectory (steps: {steps})") from None
 
 
-def artifact_generator(ctx, *parts) -> torch.Generator:
+def artifact_generator(ctx, *parts, at: int | None = None) -> torch.Generator:
     """A CPU generator seeded from the cell (not the probe entry), so a shared artifact
-    does not depend on which probe asked first."""
-    return torch.Generator().manual_seed(derive_seed(getattr(ctx, "cell_seed", ctx.seed), *parts))
+    does not depend on which probe asked first; at a checkpoint ``at`` of the training run,
+    from the run and ``at``, so that every cell of the run gets the same value
+    (``artifacts.RUN_SHARED``)."""
+    if at is None:
+        return torch.Generator().manual_seed(derive_seed(getattr(ctx, "cell_seed", ctx.seed), *parts))
+    return torch.Generator().manual_seed(derive_seed(getattr(ctx, "run_seed", ctx.seed), "at", int(at), *parts))
 
 
 def choose_method(method: str, n: int, k: int = 0, *, extremes_only: bool = False) -> str:
@@ -109,7 +113,7 @@ def dense_artifact(ctx, operator: str = "hessian", split: str = "train", batches
     return spectrum(matrix, op.count - before)
 
 
-@artifact("hessian.eigen")
+@artifact("hessian.eigen", run_shared=True)
 def eigen_artifact(ctx, k: int = 20, which: str = "top", operator: str = "hessian", split: str = "train",
                    batches: int | None = None, at: int | None = None, tol: float = 1e-4, method: str = "auto",
                    max_matvecs: int | None = None) -> CurvatureEigen:
@@ -126,7 +130,8 @@ def eigen_artifact(ctx, k: int = 20, which: str = "top", operator: str = "hessia
     op = ctx.artifact("hessian.operator", operator=operator, split=split, batches=batches, at=at)
     budget = eigen_budget(k, max_matvecs)
     with ctx.progress(budget, f"Lanczos {which}-{k} {operator} eigenpairs") as bar:
-        (result,) = drive(eigen_rows([ctx], k, which, tol, max_matvecs, progress=_Passthrough(bar)), one_row(op.matvec))
+        routine = eigen_rows([ctx], k, which, tol, max_matvecs, progress=_Passthrough(bar), at=at)
+        (result,) = drive(routine, one_row(op.matvec))
     return _eigen(result, which, operator)
 
 
@@ -134,13 +139,15 @@ def eigen_budget(k: int, max_matvecs: int | None = None) -> int:
     return max_matvecs or max(500, 50 * k)
 
 
-def eigen_rows(ctxs: list, k: int, which: str, tol: float, max_matvecs: int | None = None, progress=None) -> Routine:
+def eigen_rows(ctxs: list, k: int, which: str, tol: float, max_matvecs: int | None = None, progress=None,
+               at: int | None = None) -> Routine:
     """The Lanczos runs of ``hessian.eigen`` of the cells, as one coroutine (:func:`lanczos.lanczos_rows`):
-    each cell's start vector seeded from the cell, the same budget and stopping rule."""
+    each cell's start vector seeded from the cell (or the run, at a checkpoint ``at``), the same
+    budget and stopping rule."""
     first = ctxs[0]
+    generators = [artifact_generator(ctx, "hessian.eigen", which, at=at) for ctx in ctxs]
     return lanczos_rows(first.n_params, k, which, tol=tol, max_matvecs=eigen_budget(k, max_matvecs),
-                        dtype=first.dtype, device=first.device,
-                        generators=[artifact_generator(ctx, "hessian.eigen", which) for ctx in ctxs], progress=progress)
+                        dtype=first.dtype, device=first.device, generators=generators, progress=progress)
 
 
 def _eigen(result: Eigenpairs, which: str, operator: str) -> CurvatureEigen:
@@ -148,19 +155,16 @@ def _eigen(result: Eigenpairs, which: str, operator: str) -> CurvatureEigen:
                           "lanczos", which, operator)
 
 
-@artifact("hessian.slq")
+@artifact("hessian.slq", run_shared=True)
 def slq_artifact(ctx, probes: int = 8, steps: int = 80, operator: str = "hessian", split: str = "train",
                  batches: int | None = None, at: int | None = None) -> Quadrature:
     op = ctx.artifact("hessian.operator", operator=operator, split=split, batches=batches, at=at)
     with ctx.progress(min(steps, ctx.n_params),
                       f"SLQ {operator} spectral density ({probes} probes x {steps} steps)") as bar:
-        return drive(slq_routine(ctx, probes, steps, progress=_Passthrough(bar)), lambda V: op.matmat(V.T).T)
-
-
-def slq_routine(ctx, probes: int, steps: int, progress=None) -> Routine:
-    """The SLQ run of ``hessian.slq`` as a coroutine (:mod:`lockstep`), probe vectors seeded from the cell."""
-    return slq_steps(ctx.n_params, probes, steps, artifact_generator(ctx, "hessian.slq"), ctx.dtype, ctx.device,
-                     progress=progress)
+        # probe vectors seeded from the cell (or the run, at a checkpoint ``at``)
+        routine = slq_steps(ctx.n_params, probes, steps, artifact_generator(ctx, "hessian.slq", at=at), ctx.dtype,
+                            ctx.device, progress=_Passthrough(bar))
+        return drive(routine, lambda V: op.matmat(V.T).T)
 
 
 class _Passthrough:

@@ -13,6 +13,7 @@ with ‖V_jᵀg‖²/‖g‖² = Σ_{i<j} h_i² c_i² / Σ_{i<k} h_i² c_i² in 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -287,6 +288,51 @@ def test_end_to_end_through_a_spec_with_training_checkpoints(cli, write_spec, tm
     assert ds.prune_accuracy.dims == ("checkpoint", "pruning", "keep")
     code, out, _ = cli("query", tmp_path / "out.zarr", "sub/dim90")
     assert code == 0 and "trajectory" in out
+
+
+STABILITY_SPEC = """
+version: 1
+name: stability
+seed: 0
+dtype: float64
+model: {kind: mlp, with: {in: 4, hidden: [8], out: 3, activation: tanh}}
+data: {kind: gaussian_mixture, with: {n: 120, in: 4, classes: 3}, batch_size: 32}
+loss: cross_entropy
+train: {optimizer: {kind: sgd, lr: 0.1, momentum: 0.9}, steps: 60, checkpoints: {every: 10}}
+probes:
+  - name: sub
+    probe: lottery_subspace
+    at: AT
+    with: {dims: [1], bases: [random], repeats: 1, steps: 2, stability: {k: 3}, eigensolver: lanczos}
+output: OUT
+"""
+
+
+def test_stability_computes_each_checkpoints_eigenspace_once_per_run_and_a_lone_cell_agrees(
+        cli, write_spec, tmp_path, monkeypatch):
+    # 7 checkpoints, 7 cells: each cell compares its eigenspace with all 7. A checkpoint's
+    # eigenspace is seeded from the run and shared by the run's cells, so the run computes 7
+    # (one per cell, its own) + 7 (one per checkpoint), not 7 x 7; and a cell run alone, which
+    # shares nothing, stores exactly what it stores beside the others.
+    from basinprobe.runtime import artifacts
+
+    calls = []
+    produce = artifacts.producer("hessian.eigen")
+    monkeypatch.setitem(artifacts.PRODUCERS, "hessian.eigen",
+                        functools.wraps(produce)(lambda ctx, **kw: calls.append(kw.get("at")) or produce(ctx, **kw)))
+    spec = write_spec(STABILITY_SPEC.replace("AT", "all").replace("OUT", str(tmp_path / "all.zarr")))
+    code, _, err = cli("run", spec, "-q")
+    assert code == 0, err
+    assert len(calls) == 14 and sorted(c for c in calls if c is not None) == [0, 10, 20, 30, 40, 50, 60]
+    monkeypatch.setitem(artifacts.PRODUCERS, "hessian.eigen", produce)
+    alone = write_spec(STABILITY_SPEC.replace("AT", "[40]").replace("OUT", str(tmp_path / "alone.zarr")), "alone.yaml")
+    code, _, err = cli("run", alone, "-q")
+    assert code == 0, err
+    together = open_results(tmp_path / "all.zarr")["sub"]["subspace_overlap"].sel(checkpoint=40)
+    lone = open_results(tmp_path / "alone.zarr")["sub"]["subspace_overlap"].sel(checkpoint=40)
+    assert np.array_equal(together.values, lone.values)
+    assert float(together.sel(checkpoint_b=40)) == pytest.approx(1.0, abs=1e-12)
+    assert float(together.sel(checkpoint_b=0)) < 0.99  # the eigenspace moves over training
 
 
 def test_validate_refuses_a_threshold_outside_the_unit_interval(cli, write_spec):
