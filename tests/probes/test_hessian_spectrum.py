@@ -164,7 +164,7 @@ def test_saddle_index_of_a_deep_linear_network_at_the_origin():
 
 # --- batched cells -----------------------------------------------------------------------------
 
-def seed_contexts(seeds, hidden=8):
+def seed_contexts(seeds, hidden=8, device="cpu"):
     """Cells that share architecture and data and differ in their parameters (the model's seed)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(64, 4, generator=g, dtype=F64)
@@ -174,7 +174,7 @@ def seed_contexts(seeds, hidden=8):
     for seed in seeds:
         torch.manual_seed(seed)
         model = make_mlp(**{"in": 4, "hidden": [hidden], "out": 3, "activation": "tanh"})
-        contexts.append(make_context(model, data, cross_entropy, seed=100 + seed))
+        contexts.append(make_context(model, data, cross_entropy, seed=100 + seed, device=device))
     return contexts
 
 
@@ -199,6 +199,22 @@ def test_batched_cells_equal_the_per_cell_run(params):
             np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-9, atol=1e-12, err_msg=name)
     # and the cells are really different
     assert not np.allclose(alone[0].top_eigenvalues.values, alone[1].top_eigenvalues.values)
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_lanczos_path_gives_the_cpu_result_per_cell_and_batched():
+    # on CUDA the SLQ probes' and Hutch++'s blocks go through one batched backward pass
+    probe = HessianSpectrum()
+    params = probe.resolve({"top_k": 4, "bottom_k": 3, "method": "lanczos", "steps": 20, "probes": 4,
+                            "trace_samples": 12, "tol": 1e-6})
+    cpu = [probe.run(ctx, params) for ctx in seed_contexts([0, 1])]
+    alone = [probe.run(ctx, params) for ctx in seed_contexts([0, 1], device="cuda")]
+    together = probe.run_batched(seed_contexts([0, 1], device="cuda"), params)
+    for reference, a, b in zip(cpu, alone, together):
+        assert int(a.hvp_count) == int(reference.hvp_count) == int(b.hvp_count)
+        for name in reference.data_vars:
+            np.testing.assert_allclose(a[name].values, reference[name].values, rtol=1e-7, atol=1e-10, err_msg=name)
+            np.testing.assert_allclose(b[name].values, reference[name].values, rtol=1e-7, atol=1e-10, err_msg=name)
 
 
 SEED_SWEEP = """
