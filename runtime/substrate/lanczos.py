@@ -114,7 +114,7 @@ class _Krylov:
         """Extend each basis with the product ``A_i v_j`` of its pending vector (rows of ``W``)."""
         j = self.j
         W = W.to(self.V)
-        local = None
+        coupling = alpha = None
         if j > self.arrow:
             # The three-term recurrence first: in exact arithmetic A v_j = β_{j-1} v_{j-1} + α_j v_j
             # + β_j v_{j+1}. What it leaves along the basis is rounding, which one full pass then
@@ -125,11 +125,10 @@ class _Krylov:
             W = torch.addcmul(W, coupling[:, None], previous, value=-1)
             alpha = torch.bmm(W[:, None, :], current[:, :, None])[:, 0, 0]
             W = torch.addcmul(W, alpha[:, None], current, value=-1)
-            local = torch.zeros(W.shape[0], j + 1, dtype=W.dtype, device=W.device)
-            local[:, j - 1], local[:, j] = coupling, alpha
         W, h, norms = self._orthogonalize(W, j + 1)
-        if local is not None:
-            h = h + local
+        if alpha is not None:  # the projections are the recurrence's plus what the full pass found
+            h[:, j - 1] += coupling
+            h[:, j] += alpha
         h = h.to("cpu", torch.float64)
         self.T[:, : j + 1, j] = h
         self.T[:, j, : j + 1] = h
