@@ -155,16 +155,18 @@ class _Krylov:
             keep = active.to(W.device)[:, None]
             self.V[:, j] = torch.where(keep, W / torch.where(keep, norms[:, None], 1.0), 0.0)
 
-    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ritz values (m, j) ascending and the eigenvectors (m, j, j) of each ``T``."""
-        return torch.linalg.eigh(self.T[:, : self.j, : self.j])
+    def ritz(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ritz values (r, j) ascending and the eigenvectors (r, j, j) of the ``T`` of ``rows``."""
+        T = self.T[:, : self.j, : self.j]
+        return torch.linalg.eigh(T if len(rows) == len(self.T) else T[rows])
 
-    def restart(self, S_keep: torch.Tensor, theta_keep: torch.Tensor) -> None:
-        """Keep the Ritz vectors ``V_iᵀ S_keep[i]`` of each row and continue from the residuals."""
+    def restart(self, rows: torch.Tensor, S_keep: torch.Tensor, theta_keep: torch.Tensor) -> None:
+        """Keep the Ritz vectors ``V_iᵀ S_keep[r]`` of each of the ``rows`` (i = rows[r]) and continue
+        from the residuals; the other rows have finished and are only sent zeros from now on."""
         l = S_keep.shape[2]
-        self.V[:, :l] = torch.bmm(S_keep.transpose(1, 2).to(self.V), self.V[:, : self.j])
+        self.V[rows, :l] = torch.bmm(S_keep.transpose(1, 2).to(self.V), self.V[rows, : self.j])
         self.T.zero_()
-        self.T[:, :l, :l] = torch.diag_embed(theta_keep)
+        self.T[rows, :l, :l] = torch.diag_embed(theta_keep)
         self.j = self.arrow = l
 
 
@@ -243,33 +245,37 @@ def lanczos_rows(n: int, k: int, which: str = "top", *, generators: list[torch.G
             matvecs += 1
             if bar is not None:
                 bar.advance(1)
-            theta, S = krylov.ritz()
-            j = krylov.j
-            scale = torch.maximum(scale, theta.abs().amax(dim=1))
-            residuals = krylov.beta[:, None] * S[:, -1].abs()
+            rows = active.nonzero().flatten()   # finished rows need no Ritz values
+            theta, S = krylov.ritz(rows)
+            r, j = len(rows), krylov.j
+            scale[rows] = torch.maximum(scale[rows], theta.abs().amax(dim=1))
+            residuals = krylov.beta[rows, None] * S[:, -1].abs()
             order = _wanted(theta, which)
             idx = order[:, :k]
             values = theta.gather(1, idx)
             if j == n:  # the bases span the whole space: the values are exact
-                errors = torch.zeros(m, k, dtype=torch.float64)
-                converged = torch.ones(m, dtype=torch.bool)
+                errors = torch.zeros(r, k, dtype=torch.float64)
+                converged = torch.ones(r, dtype=torch.bool)
             elif j >= k:
                 errors = _error_bounds(theta, residuals, idx)
-                converged = (errors <= tol * torch.maximum(values.abs(), tol * scale[:, None])).all(dim=1) & (j > k)
+                converged = (errors <= tol * torch.maximum(values.abs(), tol * scale[rows, None])).all(dim=1) & (j > k)
             else:
-                errors = torch.full((m, k), float("inf"), dtype=torch.float64)
-                converged = torch.zeros(m, dtype=torch.bool)
-            done = active & (converged | (matvecs >= budget))
-            for i in done.nonzero().flatten().tolist():
-                vectors = S[i][:, idx[i]].to(krylov.V).T @ krylov.V[i, :j]
-                results[i] = Eigenpairs(values[i], vectors.T.contiguous(), errors[i].clone(), bool(converged[i]),
+                errors = torch.full((r, k), float("inf"), dtype=torch.float64)
+                converged = torch.zeros(r, dtype=torch.bool)
+            done = converged | (matvecs >= budget)
+            for q in done.nonzero().flatten().tolist():
+                i = int(rows[q])
+                vectors = S[q][:, idx[q]].to(krylov.V).T @ krylov.V[i, :j]
+                results[i] = Eigenpairs(values[q], vectors.T.contiguous(), errors[q].clone(), bool(converged[q]),
                                         matvecs, restarts)
-            active &= ~done
+            active[rows[done]] = False
             if not bool(active.any()):
                 return results
             if j == size:
-                keep = order[:, : min(j - 1, k + (size - k) // 2)]
-                krylov.restart(S.gather(2, keep[:, None, :].expand(m, j, keep.shape[1])), theta.gather(1, keep))
+                going = ~done
+                keep = order[going, : min(j - 1, k + (size - k) // 2)]
+                krylov.restart(rows[going], S[going].gather(2, keep[:, None, :].expand(len(keep), j, keep.shape[1])),
+                               theta[going].gather(1, keep))
                 restarts += 1
             krylov.advance(scale, active, generators)
 
