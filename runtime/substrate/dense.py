@@ -82,40 +82,26 @@ def dense_operator(op: CurvatureOperator, chunk_size: int = 64) -> torch.Tensor:
     (4-8 copies); 3.5x for the Gauss-Newton matrix of the 387-parameter MLP.
     """
     copies = min(MAX_REPLICAS, op.n, REPLICA_ROWS // max(op.n_examples, 1))
-    if not op.stacked and op.device.type == "cpu" and copies > 1:
-        try:
-            return _replicated_columns(op, copies)
-        except _CannotStack:
-            pass  # a model vmap cannot stack (e.g. one that reads a tensor's value): a product a column
+    stack = op.replica(copies) if not op.stacked and op.device.type == "cpu" and copies > 1 else None
+    if stack is not None:
+        return _replicated_columns(op, stack)
+    # stacked models, or a model vmap cannot stack: a product a column
     eye = torch.eye(op.n, dtype=op.dtype, device=op.device)
     if op.stacked:
         eye = eye.expand(op.params.shape[0], op.n, op.n)
     return torch.cat([op.matmat(eye[..., i:i + chunk_size]) for i in range(0, op.n, chunk_size)], dim=-1)
 
 
-class _CannotStack(Exception):
-    """The model's copies cannot be stacked under vmap; raised only before the first columns."""
-
-
-def _replicated_columns(op: CurvatureOperator, copies: int) -> torch.Tensor:
+def _replicated_columns(op: CurvatureOperator, stack: CurvatureOperator) -> torch.Tensor:
+    """The columns of ``op``'s matrix, as many at a time as ``stack`` has copies of the model."""
+    copies = stack.params.shape[0]
     H = torch.empty(op.n, op.n, dtype=op.dtype, device=op.device)
     picks = torch.arange(copies, device=op.device)
-    stack = None
     for start in range(0, op.n, copies):
         width = min(copies, op.n - start)
         units = torch.zeros(copies, op.n, dtype=op.dtype, device=op.device)
         units[picks[:width], start + picks[:width]] = 1.0
-        if stack is None:
-            # Whether vmap can stack the model shows in the first product; an error after
-            # that is a real one and propagates.
-            try:
-                stack = op.replicated(copies)
-                columns = stack.matvec(units)
-            except RuntimeError as error:
-                raise _CannotStack from error
-        else:
-            columns = stack.matvec(units)
-        H[:, start:start + width] = columns[:width].T
+        H[:, start:start + width] = stack.matvec(units)[:width].T
     op.count += op.n
     return H
 

@@ -25,9 +25,13 @@ double backward rebuilding the graph 20.8 ms, ``torch.func`` reverse-over-revers
 23.6 ms, forward-over-reverse 26.3 ms; so the cached graph is the default, and
 ``cache=False`` (rebuild per product, memory of one batch) is the fallback for data
 that do not fit. J v for the GGN uses the double-vjp trick (J v = ∂/∂u ⟨Jᵀu, v⟩)
-on the same cached graph. A block of vectors is pushed through the graph in one
-batched backward (``is_grads_batched``, a vmap over the backward pass) on CUDA; on
-CPU that measured 1.2x slower per vector than a loop (14.5 vs 12.3 ms), so there it loops.
+on the same cached graph.
+
+Blocks. On CUDA a block of vectors is pushed through the graph in one batched backward
+(``is_grads_batched``, a vmap over the backward pass). On CPU that measured 1.2x slower per
+vector than a loop (14.5 vs 12.3 ms), so there the block is either looped or, where a product
+is small enough to be bound by per-operation overhead rather than arithmetic, multiplied as one
+product of a stack of copies of the model, vector j by copy j (``REPLICA_WORK``).
 
 Stacked models. Given parameters Θ of shape (m, n), one row per model of the same
 architecture (batched cells: seeds, checkpoints), the operator is that of
@@ -45,6 +49,14 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from basinprobe.runtime.substrate.compiled import maybe_compile
+
+# On CPU a block of vectors goes through one product of stacked copies of the model while
+# copies x parameters x examples stays within this (vectors x models x ... for stacked models).
+# Per block of 4-8 vectors against a loop (tanh MLPs, float64, torch 2.13, 2 threads): 2.2-2.4x
+# for 387 parameters on 192 examples (0.07M a copy); 1.1-1.5x between 3M and 7M; 0.6-0.8x for
+# 7M-27M (6922 parameters on 1024 examples, 676 on 2048, 26122 on 1024), where the copies'
+# larger kernels cost more than the overhead they save.
+REPLICA_WORK = 2_000_000
 
 
 def loss_batches(ctx, split: str = "train", batches: int | None = None,
@@ -93,6 +105,7 @@ class CurvatureOperator:
         self.cache = cache
         self.count = 0
         self._graphs: list | None = None
+        self._replicas: dict[int, CurvatureOperator] | None = {}   # None: vmap cannot stack the model
         self.loss_value, self.gradient = self._loss_and_gradient()
 
     # --- what subclasses provide ------------------------------------------------------
@@ -139,21 +152,53 @@ class CurvatureOperator:
 
     def matmat(self, V: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
         """``A V`` for ``V`` of shape ``(n, k)`` (stacked: ``(m, n, k)``); ``batched=None`` picks
-        the faster way on the device."""
+        the faster way on the device (see the module's "Blocks")."""
         V = V.to(self.device, self.dtype)
+        k = V.shape[-1]
         if batched is None:
             batched = self.device.type == "cuda"
-        if not batched:
-            return torch.stack([self.matvec(V[..., j]) for j in range(V.shape[-1])], dim=-1)
-        self.count += V.shape[-1]
-        return self._apply(V.movedim(-1, 0).contiguous(), batched=True).movedim(0, -1)
+        if batched:
+            self.count += k
+            return self._apply(V.movedim(-1, 0).contiguous(), batched=True).movedim(0, -1)
+        limit = REPLICA_WORK // max(self.params.numel() * self.n_examples, 1)
+        stack = None
+        if min(k, limit) > 1 and self._replicable():
+            chunks = -(-k // min(k, limit))
+            stack = self.replica(-(-k // chunks))   # equal chunks: no copy computes padding twice
+        if stack is None:
+            return torch.stack([self.matvec(V[..., j]) for j in range(k)], dim=-1)
+        self.count += k
+        copies = stack.params.shape[0] // self.params.reshape(-1, self.n).shape[0]
+        blocks = V.movedim(-1, 0)                     # (k, [m,] n): vector j for copy j
+        out = torch.empty_like(blocks)
+        for start in range(0, k, copies):
+            block = blocks[start:start + copies]
+            width = len(block)
+            if width < copies:
+                block = torch.cat([block, block.new_zeros(copies - width, *block.shape[1:])])
+            out[start:start + width] = stack._apply(block.reshape(stack.params.shape), batched=False
+                                                    ).reshape(block.shape)[:width]
+        return out.movedim(0, -1)
+
+    def _replicable(self) -> bool:
+        """Whether blocks may go through stacked copies on CPU."""
+        return True
+
+    def replica(self, copies: int) -> "CurvatureOperator | None":
+        """:meth:`replicated`, kept for the next block, or None when vmap cannot stack the model
+        (e.g. a forward that reads a tensor's value); that shows in the copies' first forward pass."""
+        if self._replicas is not None and copies not in self._replicas:
+            try:
+                self._replicas[copies] = self.replicated(copies)
+            except RuntimeError:
+                self._replicas = None
+        return None if self._replicas is None else self._replicas[copies]
 
     def replicated(self, copies: int) -> "CurvatureOperator":
-        """The same operator over ``copies`` stacked copies of this model's parameters: one
-        product then takes ``copies`` vectors through a single (larger) autograd graph."""
-        if self.stacked:
-            raise ValueError("replicated() takes the operator of one model, not of stacked models")
-        params = self.params.expand(copies, self.n).contiguous()
+        """The same operator over ``copies`` stacked copies of these parameters (copy-major: of stacked
+        models' (m, n), rows c·m .. c·m + m - 1 are copy c): one product then takes ``copies`` vectors
+        (or blocks) through a single larger autograd graph."""
+        params = self.params.reshape(-1, self.n).repeat(copies, 1)
         return type(self)(self.ctx, params, self.split, *self._batching, cache=self.cache)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
@@ -203,6 +248,9 @@ class HessianOperator(CurvatureOperator):
         self._compiled = None
         if getattr(ctx, "compile", False) and not self.stacked:
             self._compiled = maybe_compile(self._functional_product, True, "hvp")
+
+    def _replicable(self) -> bool:
+        return self._compiled is None   # a compiled product stays the one the user asked for
 
     def _functional_product(self, theta, v, xb, yb):
         def loss(t):

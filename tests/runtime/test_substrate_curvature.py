@@ -79,6 +79,55 @@ def test_ggn_equals_hessian_for_a_model_linear_in_its_parameters():
     assert torch.allclose(curvature_operator(ctx, "ggn").matmat(eye), curvature_operator(ctx).matmat(eye), atol=1e-12)
 
 
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+@pytest.mark.parametrize("models", [1, 2])
+def test_a_block_through_stacked_copies_of_the_model_is_the_looped_block(monkeypatch, operator, models):
+    import basinprobe.runtime.substrate.hvp as hvp
+    from basinprobe.runtime.substrate.curvature import stacked_operator
+
+    ctxs = [classifier_context(seed=s) for s in range(models)]
+    n, k = ctxs[0].n_params, 7
+    V = torch.randn(models, n, k, generator=torch.Generator().manual_seed(9), dtype=F64)
+    X, y = ctxs[0].data.split("train")   # stacked models share the first cell's data
+    exact = torch.stack([torch.func.hessian(lambda t: cross_entropy(ctxs[0].forward(t, X), y))(c.flat_params)
+                         for c in ctxs]) if operator == "hessian" else None
+
+    def block(work):
+        monkeypatch.setattr(hvp, "REPLICA_WORK", work)
+        op = stacked_operator(ctxs, operator) if models > 1 else curvature_operator(ctxs[0], operator)
+        if work:   # 3 copies: blocks of 3, 3 and 1 (padded); the loop of products must not be taken
+            op.matvec = None
+        out = op.matmat(V if models > 1 else V[0])
+        assert op.count == k
+        return out.reshape(models, n, k)
+
+    copies, looped = block(3 * models * n * len(X)), block(0)
+    assert torch.allclose(copies, looped, atol=1e-13)
+    if exact is not None:
+        assert torch.allclose(copies, exact @ V, atol=1e-12)
+
+
+def test_a_block_for_a_model_that_cannot_be_stacked_is_looped():
+    class ReadsAValue(torch.nn.Module):   # .item() has no batched rule under vmap
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp(**{"in": 3, "hidden": [4], "out": 2, "activation": "tanh"})
+
+        def forward(self, x):
+            out = self.net(x)
+            return out if out.abs().max().item() < 1e6 else out.clamp(-1e6, 1e6)
+
+    g = torch.Generator().manual_seed(7)
+    X, y = torch.randn(30, 3, generator=g, dtype=F64), torch.randn(30, 2, generator=g, dtype=F64)
+    torch.manual_seed(7)
+    ctx = make_context(ReadsAValue(), regression_data(X, y), mse)
+    op = curvature_operator(ctx)
+    V = torch.randn(ctx.n_params, 5, generator=g, dtype=F64)
+    assert torch.allclose(op.matmat(V), func_hessian(ctx) @ V, atol=1e-12)
+    assert torch.allclose(op.matmat(V[:, :3]), func_hessian(ctx) @ V[:, :3], atol=1e-12)
+    assert op.count == 8
+
+
 def test_scipy_linear_operator_gives_the_dense_top_eigenvalue():
     ctx = classifier_context(seed=3)
     op = curvature_operator(ctx)
