@@ -44,6 +44,26 @@ def known_matrix(eigenvalues, seed=0):
     return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=F64)) @ Q.T
 
 
+class ReadsAValue(torch.nn.Module):
+    """An MLP whose forward reads a tensor's value (.item()), which has no batched rule under vmap:
+    its copies cannot be stacked."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_mlp(**{"in": 3, "hidden": [4], "out": 2, "activation": "tanh"})
+
+    def forward(self, x):
+        out = self.net(x)
+        return out if out.abs().max().item() < 1e6 else out.clamp(-1e6, 1e6)
+
+
+def unstackable_context():
+    g = torch.Generator().manual_seed(7)
+    X, y = torch.randn(30, 3, generator=g, dtype=F64), torch.randn(30, 2, generator=g, dtype=F64)
+    torch.manual_seed(7)
+    return make_context(ReadsAValue(), regression_data(X, y), mse)
+
+
 # --- products -------------------------------------------------------------------------------
 
 def test_hessian_products_equal_columns_of_torch_func_hessian_in_every_formulation():
@@ -108,21 +128,9 @@ def test_a_block_through_stacked_copies_of_the_model_is_the_looped_block(monkeyp
 
 
 def test_a_block_for_a_model_that_cannot_be_stacked_is_looped():
-    class ReadsAValue(torch.nn.Module):   # .item() has no batched rule under vmap
-        def __init__(self):
-            super().__init__()
-            self.net = make_mlp(**{"in": 3, "hidden": [4], "out": 2, "activation": "tanh"})
-
-        def forward(self, x):
-            out = self.net(x)
-            return out if out.abs().max().item() < 1e6 else out.clamp(-1e6, 1e6)
-
-    g = torch.Generator().manual_seed(7)
-    X, y = torch.randn(30, 3, generator=g, dtype=F64), torch.randn(30, 2, generator=g, dtype=F64)
-    torch.manual_seed(7)
-    ctx = make_context(ReadsAValue(), regression_data(X, y), mse)
+    ctx = unstackable_context()
     op = curvature_operator(ctx)
-    V = torch.randn(ctx.n_params, 5, generator=g, dtype=F64)
+    V = torch.randn(ctx.n_params, 5, generator=torch.Generator().manual_seed(8), dtype=F64)
     assert torch.allclose(op.matmat(V), func_hessian(ctx) @ V, atol=1e-12)
     assert torch.allclose(op.matmat(V[:, :3]), func_hessian(ctx) @ V[:, :3], atol=1e-12)
     assert op.count == 8
@@ -189,19 +197,7 @@ def test_dense_matrix_from_replicated_models_is_the_column_by_column_matrix(monk
 
 
 def test_a_model_that_cannot_be_stacked_gets_its_dense_hessian_a_column_at_a_time():
-    class ReadsAValue(torch.nn.Module):   # .item() has no batched rule under vmap
-        def __init__(self):
-            super().__init__()
-            self.net = make_mlp(**{"in": 3, "hidden": [4], "out": 2, "activation": "tanh"})
-
-        def forward(self, x):
-            out = self.net(x)
-            return out if out.abs().max().item() < 1e6 else out.clamp(-1e6, 1e6)
-
-    g = torch.Generator().manual_seed(7)
-    X, y = torch.randn(30, 3, generator=g, dtype=F64), torch.randn(30, 2, generator=g, dtype=F64)
-    torch.manual_seed(7)
-    ctx = make_context(ReadsAValue(), regression_data(X, y), mse)
+    ctx = unstackable_context()
     with pytest.raises(RuntimeError):
         curvature_operator(ctx).replicated(4)
     assert torch.allclose(dense_operator(curvature_operator(ctx)), func_hessian(ctx), atol=1e-12)
