@@ -51,11 +51,11 @@ from torch.func import grad, jvp, vmap
 from basinprobe.runtime.substrate.compiled import maybe_compile
 
 # On CPU a block of vectors goes through one product of stacked copies of the model while
-# copies x parameters x examples stays within this (vectors x models x ... for stacked models).
-# Per block of 4-8 vectors against a loop (tanh MLPs, float64, torch 2.13, 2 threads): 2.2-2.4x
-# for 387 parameters on 192 examples (0.07M a copy); 1.1-1.5x between 3M and 7M; 0.6-0.8x for
-# 7M-27M (6922 parameters on 1024 examples, 676 on 2048, 26122 on 1024), where the copies'
-# larger kernels cost more than the overhead they save.
+# copies x parameters x examples (x models, for stacked models) stays within REPLICA_WORK.
+# Against a loop of products (tanh MLPs, float64, torch 2.13, 2 threads), by parameters x examples
+# of one copy: 0.07M (387 on 192): 1.5x for 2 copies, 2.2-2.7x for 4-16; 3.3-6.7M: 1.1-1.5x for
+# 4-8 copies, but 0.66x for 8 copies of 4.9M (19210 on 256); 0.58-0.81x for 4-8 copies of 1.4M
+# on 2048 examples, 7.1M and 27M, where the copies' larger kernels cost more than they save.
 REPLICA_WORK = 2_000_000
 
 
@@ -176,8 +176,7 @@ class CurvatureOperator:
             width = len(block)
             if width < copies:
                 block = torch.cat([block, block.new_zeros(copies - width, *block.shape[1:])])
-            out[start:start + width] = stack._apply(block.reshape(stack.params.shape), batched=False
-                                                    ).reshape(block.shape)[:width]
+            out[start:start + width] = stack.matvec(block.reshape(stack.params.shape)).reshape(block.shape)[:width]
         return out.movedim(0, -1)
 
     def _replicable(self) -> bool:
