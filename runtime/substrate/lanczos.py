@@ -90,12 +90,12 @@ class _Krylov:
         """W (one vector per basis in ``bases``) minus its projections on the first ``rows``
         vectors of its basis, the projections, and the norms of the result."""
         Q = self.V[bases, :rows]
-        before = W.norm(dim=1)
+        before = torch.linalg.vector_norm(W, dim=1)
         h = torch.bmm(Q, W[:, :, None])[:, :, 0]
         # W - Qᵀh as one baddbmm of hᵀQ: bmm reads Q row-major, and through Q.transpose it
         # measured 5-12x slower on CPU
         W = torch.baddbmm(W[:, None, :], h[:, None, :], Q, alpha=-1)[:, 0]
-        after = W.norm(dim=1)
+        after = torch.linalg.vector_norm(W, dim=1)
         # Second pass only where the first cancelled most of w (Daniel, Gragg, Kaufman & Stewart
         # 1976): then rounding may have left components along Q; otherwise one pass is enough.
         again = after < 0.7 * before
@@ -103,7 +103,7 @@ class _Krylov:
             h2 = torch.bmm(Q, W[:, :, None])[:, :, 0]
             W = torch.where(again[:, None], torch.baddbmm(W[:, None, :], h2[:, None, :], Q, alpha=-1)[:, 0], W)
             h = torch.where(again[:, None], h + h2, h)
-            after = W.norm(dim=1)
+            after = torch.linalg.vector_norm(W, dim=1)
         return W, h, after
 
     def pending(self) -> torch.Tensor:
@@ -155,10 +155,9 @@ class _Krylov:
             keep = active.to(W.device)[:, None]
             self.V[:, j] = torch.where(keep, W / torch.where(keep, norms[:, None], 1.0), 0.0)
 
-    def ritz(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ritz(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Ritz values (r, j) ascending and the eigenvectors (r, j, j) of the ``T`` of ``rows``."""
-        T = self.T[:, : self.j, : self.j]
-        return torch.linalg.eigh(T if len(rows) == len(self.T) else T[rows])
+        return torch.linalg.eigh(self.T[rows, : self.j, : self.j])
 
     def restart(self, rows: torch.Tensor, S_keep: torch.Tensor, theta_keep: torch.Tensor) -> None:
         """Keep the Ritz vectors ``V_iᵀ S_keep[r]`` of each of the ``rows`` (i = rows[r]) and continue
@@ -236,6 +235,7 @@ def lanczos_rows(n: int, k: int, which: str = "top", *, generators: list[torch.G
     krylov = _Krylov(m, n, size, dtype, device)
     krylov.start(V0.to(device=device, dtype=dtype))
     active = torch.ones(m, dtype=torch.bool)
+    running, every = True, torch.arange(m)   # running: no row has finished yet
     results: list[Eigenpairs | None] = [None] * m
     matvecs = restarts = 0
     scale = torch.zeros(m, dtype=torch.float64)
@@ -245,11 +245,13 @@ def lanczos_rows(n: int, k: int, which: str = "top", *, generators: list[torch.G
             matvecs += 1
             if bar is not None:
                 bar.advance(1)
-            rows = active.nonzero().flatten()   # finished rows need no Ritz values
-            theta, S = krylov.ritz(rows)
+            # finished rows need no Ritz values; while none has finished, a slice (a view) selects them
+            rows = every if running else active.nonzero().flatten()
+            sel = slice(None) if running else rows
+            theta, S = krylov.ritz(sel)
             r, j = len(rows), krylov.j
-            scale[rows] = torch.maximum(scale[rows], theta.abs().amax(dim=1))
-            residuals = krylov.beta[rows, None] * S[:, -1].abs()
+            scale[sel] = torch.maximum(scale[sel], theta.abs().amax(dim=1))
+            residuals = krylov.beta[sel, None] * S[:, -1].abs()
             order = _wanted(theta, which)
             idx = order[:, :k]
             values = theta.gather(1, idx)
@@ -258,19 +260,22 @@ def lanczos_rows(n: int, k: int, which: str = "top", *, generators: list[torch.G
                 converged = torch.ones(r, dtype=torch.bool)
             elif j >= k:
                 errors = _error_bounds(theta, residuals, idx)
-                converged = (errors <= tol * torch.maximum(values.abs(), tol * scale[rows, None])).all(dim=1) & (j > k)
+                converged = (errors <= tol * torch.maximum(values.abs(), tol * scale[sel, None])).all(dim=1) & (j > k)
             else:
                 errors = torch.full((r, k), float("inf"), dtype=torch.float64)
                 converged = torch.zeros(r, dtype=torch.bool)
             done = converged | (matvecs >= budget)
-            for q in done.nonzero().flatten().tolist():
+            finished = done.nonzero().flatten().tolist()
+            for q in finished:
                 i = int(rows[q])
                 vectors = S[q][:, idx[q]].to(krylov.V).T @ krylov.V[i, :j]
                 results[i] = Eigenpairs(values[q], vectors.T.contiguous(), errors[q].clone(), bool(converged[q]),
                                         matvecs, restarts)
-            active[rows[done]] = False
-            if not bool(active.any()):
-                return results
+            if finished:
+                active[rows[done]] = False
+                running = False
+                if not bool(active.any()):
+                    return results
             if j == size:
                 going = ~done
                 keep = order[going, : min(j - 1, k + (size - k) // 2)]
