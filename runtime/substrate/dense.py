@@ -83,27 +83,14 @@ def dense_operator(op: CurvatureOperator, chunk_size: int = 64) -> torch.Tensor:
     """
     copies = min(MAX_REPLICAS, op.n, REPLICA_ROWS // max(op.n_examples, 1))
     stack = op.replica(copies) if not op.stacked and op.device.type == "cpu" and copies > 1 else None
-    if stack is not None:
-        return _replicated_columns(op, stack)
-    # stacked models, or a model vmap cannot stack: a product a column
     eye = torch.eye(op.n, dtype=op.dtype, device=op.device)
+    if stack is not None:
+        op.count += op.n
+        return op.through_copies(stack, eye)
+    # stacked models, or a model vmap cannot stack: a product a column
     if op.stacked:
         eye = eye.expand(op.params.shape[0], op.n, op.n)
     return torch.cat([op.matmat(eye[..., i:i + chunk_size]) for i in range(0, op.n, chunk_size)], dim=-1)
-
-
-def _replicated_columns(op: CurvatureOperator, stack: CurvatureOperator) -> torch.Tensor:
-    """The columns of ``op``'s matrix, as many at a time as ``stack`` has copies of the model."""
-    copies = stack.params.shape[0]
-    H = torch.empty(op.n, op.n, dtype=op.dtype, device=op.device)
-    picks = torch.arange(copies, device=op.device)
-    for start in range(0, op.n, copies):
-        width = min(copies, op.n - start)
-        units = torch.zeros(copies, op.n, dtype=op.dtype, device=op.device)
-        units[picks[:width], start + picks[:width]] = 1.0
-        H[:, start:start + width] = stack.matvec(units)[:width].T
-    op.count += op.n
-    return H
 
 
 def spectrum(matrix: torch.Tensor, matvecs: int) -> DenseSpectrum:

@@ -104,6 +104,7 @@ class CurvatureOperator:
         self.n_examples = sum(len(xb) for xb, _, _ in self.data)
         self.cache = cache
         self.count = 0
+        self.copies = 1   # copies of each model stacked in ``params`` (see :meth:`replicated`)
         self._graphs: list | None = None
         self._replicas: dict[int, CurvatureOperator] | None = {}   # None: vmap cannot stack the model
         self.loss_value, self.gradient = self._loss_and_gradient()
@@ -160,22 +161,26 @@ class CurvatureOperator:
         if batched:
             self.count += k
             return self._apply(V.movedim(-1, 0).contiguous(), batched=True).movedim(0, -1)
-        limit = REPLICA_WORK // max(self.params.numel() * self.n_examples, 1)
-        stack = None
-        if min(k, limit) > 1 and self._replicable():
-            chunks = -(-k // min(k, limit))
-            stack = self.replica(-(-k // chunks))   # equal chunks: no copy computes padding twice
+        limit = min(k, REPLICA_WORK // max(self.params.numel() * self.n_examples, 1))
+        # the fewest products of at most `limit` vectors, evened out so the last is padded least
+        copies = -(-k // -(-k // limit)) if limit > 1 else 1
+        stack = self.replica(copies) if copies > 1 and self._replicable() else None
         if stack is None:
             return torch.stack([self.matvec(V[..., j]) for j in range(k)], dim=-1)
         self.count += k
-        copies = stack.params.shape[0] // self.params.reshape(-1, self.n).shape[0]
-        blocks = V.movedim(-1, 0)                     # (k, [m,] n): vector j for copy j
+        return self.through_copies(stack, V)
+
+    def through_copies(self, stack: "CurvatureOperator", V: torch.Tensor) -> torch.Tensor:
+        """``A V`` (shapes as :meth:`matmat`) as products of ``stack``, a :meth:`replica` of this
+        operator: vector j of each product by copy j, the last product padded with zeros. Counted
+        on ``stack``, not here."""
+        blocks = V.movedim(-1, 0)                     # (k, [m,] n)
         out = torch.empty_like(blocks)
-        for start in range(0, k, copies):
-            block = blocks[start:start + copies]
+        for start in range(0, len(blocks), stack.copies):
+            block = blocks[start:start + stack.copies]
             width = len(block)
-            if width < copies:
-                block = torch.cat([block, block.new_zeros(copies - width, *block.shape[1:])])
+            if width < stack.copies:
+                block = torch.cat([block, block.new_zeros(stack.copies - width, *block.shape[1:])])
             out[start:start + width] = stack.matvec(block.reshape(stack.params.shape)).reshape(block.shape)[:width]
         return out.movedim(0, -1)
 
@@ -198,7 +203,9 @@ class CurvatureOperator:
         models' (m, n), rows c·m .. c·m + m - 1 are copy c): one product then takes ``copies`` vectors
         (or blocks) through a single larger autograd graph."""
         params = self.params.reshape(-1, self.n).repeat(copies, 1)
-        return type(self)(self.ctx, params, self.split, *self._batching, cache=self.cache)
+        stack = type(self)(self.ctx, params, self.split, *self._batching, cache=self.cache)
+        stack.copies = copies * self.copies
+        return stack
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
