@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 EXIT_SPEC = 2
 
@@ -72,12 +73,19 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from basinprobe.runtime.context import ProbeWarning
     from basinprobe.runtime.execute import run_spec
     from basinprobe.runtime.progress import Reporter
 
     spec = _spec(args)
-    report = run_spec(spec, overwrite=args.overwrite, device=args.device, reporter=Reporter(quiet=args.quiet),
-                      executor=args.executor, scheduler=args.scheduler, workers=args.workers)
+    with warnings.catch_warnings():
+        # a probe's warnings are printed once below, with their cells, instead of as Python
+        # warnings that quote the probe's source line
+        warnings.simplefilter("ignore", ProbeWarning)
+        report = run_spec(spec, overwrite=args.overwrite, device=args.device, reporter=Reporter(quiet=args.quiet),
+                          executor=args.executor, scheduler=args.scheduler, workers=args.workers)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for failure in report.failures:
         print(f"failed: {failure}", file=sys.stderr)
     print(f"{report.store}: {report.done} cell results written, {report.skipped} kept from an earlier run, "

@@ -17,6 +17,11 @@ from basinprobe.registry import Dataset
 from basinprobe.runtime import artifacts
 
 
+class ProbeWarning(RuntimeWarning):
+    """What ``ctx.warn`` issues. The runtime also records the message with the cell (the group's
+    ``warnings`` attr) and the command line prints it once, labelled with its cell."""
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any printable parts (stable across processes)."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
@@ -155,7 +160,7 @@ class CellContext:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, ProbeWarning, stacklevel=2)
 
 
 class Member:
@@ -186,4 +191,4 @@ class GroupContext:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, ProbeWarning, stacklevel=2)

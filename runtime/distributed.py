@@ -57,8 +57,8 @@ def _needs(spec, plan) -> dict[str, set]:
 
 
 def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key: str, device: str,
-                   threads: int) -> tuple[int, list[str]]:
-    """On a worker: run every unfinished cell of one sweep point; return (cells done, failures)."""
+                   threads: int) -> tuple[int, list[str], list[str]]:
+    """On a worker: run every unfinished cell of one sweep point; return (cells done, failures, warnings)."""
     from basinprobe.runtime.build import resolve_device, resolve_dtype
     from basinprobe.runtime.execute import RunReport, Workshop, run_point
     from basinprobe.runtime.plan import compile_plan
@@ -83,7 +83,7 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
     store = RunStore(spec.output)
     report = RunReport(str(spec.output))
     run_point(point, spec, shop, store, store.status(), Reporter(quiet=True), report, {})
-    return report.done, report.failures
+    return report.done, report.failures, report.warnings
 
 
 def _start_method(device: str) -> str:
@@ -182,11 +182,12 @@ class DaskCells:
             point, count = pending[future]
             label = cell_label(point.coords) or point.key
             try:
-                done, failures = future.result()
+                done, failures, warnings_ = future.result()
             except Exception as exc:  # the task failed beyond its retries (e.g. workers kept dying)
-                done, failures = 0, [f"{label}: {type(exc).__name__}: {exc}"]
+                done, failures, warnings_ = 0, [f"{label}: {type(exc).__name__}: {exc}"], []
             report.done += done
             report.failures.extend(failures)
+            report.warnings.extend(warnings_)
             for _ in range(count):
                 reporter.cell_done(label, f"{done} done, {len(failures)} failed")
 

@@ -29,6 +29,7 @@ class RunReport:
     done: int = 0
     skipped: int = 0
     failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # "<cell> <entry>: <message>", as recorded in the store
     interrupted: bool = False
 
     @property
@@ -244,12 +245,14 @@ def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store,
 def _record(entry, key, coords, result, error, warnings_, seconds, store, reporter, report) -> None:
     label = f"{cell_label(coords)} {entry.name}".strip()
     store.write_cell(key, entry.name, coords, result, error, warnings_)
+    report.warnings.extend(f"{label}: {w}" for w in warnings_)
     if error:
         report.failures.append(f"{label}: {error}")
         reporter.cell_done(label, f"failed: {error}")
     else:
         report.done += 1
-        reporter.cell_done(label, f"done in {seconds:.2f}s")
+        noted = f", {len(warnings_)} warning{'s' * (len(warnings_) != 1)}" if warnings_ else ""
+        reporter.cell_done(label, f"done in {seconds:.2f}s{noted}")
 
 
 def _fail_all(pending, coords_of, store, reporter, report, error: str) -> None:

@@ -161,6 +161,19 @@ def test_a_failing_probe_records_the_cell_and_the_rest_finish(write_spec, tmp_pa
     assert again.skipped == 6 + 4 and len(again.failures) == 2
 
 
+def test_probe_warnings_are_printed_once_with_their_cells_and_stored(write_spec, cli, tmp_path, recwarn):
+    # an untrained model is not at a minimum: hessian_spectrum warns for each of the two cells
+    spec = write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: hessian_spectrum, at: [0], with: {top_k: 3}}"))
+    code, out, err = cli("run", spec, "-q")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "not near a minimum" in line]
+    assert [line.split(": not near")[0] for line in lines] == ["warning: seed=0,checkpoint=0 eval",
+                                                                "warning: seed=1,checkpoint=0 eval"]
+    assert "ctx.warn(" not in err and not [w for w in recwarn if "not near a minimum" in str(w.message)]
+    stored = open_results(tmp_path / "out.zarr")["eval"].attrs["warnings"]
+    assert len(stored) == 2 and all("not near a minimum" in w for w in stored)
+
+
 def test_diverging_training_fails_its_cells_with_advice(write_spec, cli):
     # gradient descent on a quadratic with lr far above 2/lambda_max blows up geometrically
     spec = write_spec(TINY_SPEC.replace("lr: 0.1", "lr: 50.0").replace("hidden: [6], out: 3", "hidden: [], out: 1").replace(
