@@ -80,6 +80,8 @@ def describe_tree(tree: xr.DataTree) -> str:
             lines.append(f"  {var_name}({', '.join(map(str, var.dims))})  {var.dtype}" + (f"  - {desc}" if desc else ""))
         for failed in node.attrs.get("failed", []) or []:
             lines.append(f"  FAILED {failed}")
+        for warning in node.attrs.get("warnings", []) or []:
+            lines.append(f"  WARNING {warning}")
     return "\n".join(lines)
 
 

@@ -172,6 +172,8 @@ def test_probe_warnings_are_printed_once_with_their_cells_and_stored(write_spec,
     assert "ctx.warn(" not in err and not [w for w in recwarn if "not near a minimum" in str(w.message)]
     stored = open_results(tmp_path / "out.zarr")["eval"].attrs["warnings"]
     assert len(stored) == 2 and all("not near a minimum" in w for w in stored)
+    code, out, err = cli("query", tmp_path / "out.zarr")
+    assert out.count("  WARNING seed=") == 2 and "WARNING seed=1,checkpoint=0: not near a minimum" in out
 
 
 def test_diverging_training_fails_its_cells_with_advice(write_spec, cli):
