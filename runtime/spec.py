@@ -222,6 +222,22 @@ def _translate(error: jsonschema.ValidationError, document, mark_override: Mark 
         listing = ", ".join(map(str, options)) if len(options) < 25 else f"{len(options)} choices"
         return [Problem(mark, path, f"unknown {what} {error.instance!r}{_suggest(error.instance, options)} "
                                     f"(known: {listing})")]
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        # "not valid under any of the given schemas" names no fix: report what the branch
+        # whose type fits the value wants, or, when no type fits, every type that would
+        misfits = [e for e in error.context if not e.path and (e.validator == "type" or (
+            e.validator == "enum" and not any(type(v) is type(e.instance) for v in e.validator_value)))]
+        branches = [e for e in error.context if e not in misfits]
+        if branches:
+            return _translate(jsonschema.exceptions.best_match(branches), document, mark_override)
+        expected = []
+        for e in misfits:
+            if e.validator == "enum":
+                forms = [f"one of {', '.join(map(str, e.validator_value))}"]
+            else:
+                forms = [e.validator_value] if isinstance(e.validator_value, str) else e.validator_value
+            expected += [f for f in forms if f not in expected]
+        return [Problem(mark, path, f"expected {' or '.join(expected)}, got {error.instance!r}")]
     if error.validator == "type":
         expected = error.validator_value
         return [Problem(mark, path, f"expected {expected if isinstance(expected, str) else ' or '.join(expected)}, "

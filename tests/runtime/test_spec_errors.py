@@ -78,6 +78,31 @@ def test_non_finite_learning_rate_is_refused(write_spec, value):
     assert any(p.path == ("train", "optimizer", "lr") and "finite" in p.message for p in problems)
 
 
+@pytest.mark.parametrize("value, where, expect", [
+    ("-0.01", "epsilon", "-0.01 is out of range: must be > 0"),              # the number branch
+    ("[0.1, -0.01]", "epsilon.1", "-0.01 is out of range: must be > 0"),     # inside the list branch
+    ("[0.1, x]", "epsilon.1", "expected number, got 'x'"),
+    ("tiny", "epsilon", "expected number or array, got 'tiny'"),             # no branch's type fits
+])
+def test_a_value_with_alternative_forms_gets_the_fix_of_the_form_it_has(write_spec, value, where, expect):
+    # epsilon is a positive number or a list of them (anyOf): jsonschema's own message for it,
+    # "is not valid under any of the given schemas", would name no fix
+    text = GOOD.replace("{probe: evaluate}", f"{{probe: basin_volume, with: {{epsilon: {value}}}}}")
+    _, (problem,) = problems_of(write_spec, text)
+    assert problem.message == expect and ".".join(map(str, problem.path)) == f"probes.0.with.{where}"
+    assert problem.mark.line == 7
+
+
+@pytest.mark.parametrize("value, where, expect", [
+    ("5", "at", "expected one of all, first, last or array, got 5"),
+    ("[-3]", "at.0", "-3 is out of range: must be >= 0"),
+    ("lasst", "at", "unknown value 'lasst'; did you mean 'last'? (known: all, first, last)"),
+])
+def test_at_names_the_fix_for_each_of_its_forms(write_spec, value, where, expect):
+    _, (problem,) = problems_of(write_spec, GOOD.replace("{probe: evaluate}", f"{{probe: evaluate, at: {value}}}"))
+    assert problem.message == expect and ".".join(map(str, problem.path)) == f"probes.0.{where}"
+
+
 def test_unknown_with_key_of_a_probe_is_refused(write_spec):
     _, problems = problems_of(write_spec, GOOD.replace("{probe: evaluate}", "{probe: evaluate, with: {splitz: [train]}}"))
     assert any("unknown key 'splitz'" in p.message and "'splits'" in p.message for p in problems)
