@@ -1,7 +1,7 @@
 """Benchmark of the curvature engine on the issue's MLP (tanh, 64-128-128-10, 26,122 parameters,
 1024 digits inputs, cross-entropy), all timings measured in this process.
 
-    python tests/benchmarks/bench_curvature.py [--threads 1] [--dtype float64] [--train-steps 0 300] [--dense]
+    python tests/benchmarks/bench_curvature.py [--threads 1] [--dtype float64] [--train-steps 0 1 2 300] [--dense]
                                                [--compile] [--start-vectors 12]
 
 Prints:
@@ -214,7 +214,7 @@ def krylov_run(matvec, n, steps, dtype, seed):
     active, scale = torch.ones(1, dtype=torch.bool), torch.ones(1, dtype=torch.float64)
     for _ in range(steps):
         krylov.accept(matvec(krylov.pending()[0])[None])
-        theta, S = krylov.ritz()
+        theta, S = krylov.ritz(slice(None))
         yield theta[0], S[0], float(krylov.beta[0])
         if krylov.j < steps:
             krylov.advance(scale, active, [g])
@@ -246,7 +246,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--train-steps", type=int, nargs="+", default=[0, 300],
+    parser.add_argument("--train-steps", type=int, nargs="+", default=[0, 1, 2, 300],
                         help="Adam steps before measuring, one scenario each (0: at initialization)")
     parser.add_argument("--dense", action="store_true", help="reference from the dense Hessian (slow)")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd HVP")
