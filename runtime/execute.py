@@ -335,6 +335,8 @@ def _run_batch(batch: list, spec, shop: Workshop, store: RunStore, reporter, rep
         raise
     except Exception:  # a failure inside a batch is attributed cell by cell, unbatched
         for cell, ctx in members:
+            # afresh, as a run without batching: the batch may have drawn from the generator and warned
+            ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
             _run_entry(probe, ctx, entry, cell.key, cell.coords, spec.cell_dims, store, reporter, report)
         return
     seconds = (time.perf_counter() - started) / len(members)

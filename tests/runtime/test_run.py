@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import zarr
 
@@ -335,3 +336,41 @@ def test_batched_cells_equal_the_unbatched_run(write_spec, tmp_path):
     a, b = open_results(tmp_path / "plain.zarr")["eval"], open_results(tmp_path / "batched.zarr")["eval"]
     for name in ("loss", "accuracy"):
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12, atol=0)
+
+
+class Draw(Probe):
+    """Draws from the cell's generator and warns; its batched form does the same, then fails."""
+
+    name = "draw"
+    batched = True
+
+    def run(self, ctx, params):
+        ctx.warn("drew")
+        return xr.Dataset({"value": float(torch.rand((), generator=ctx.generator, dtype=torch.float64))})
+
+    def run_batched(self, ctxs, params):
+        for ctx in ctxs:
+            self.run(ctx, params)
+        raise RuntimeError("vmap cannot batch this model")
+
+
+class DrawPlugin:
+    from basinprobe.registry import hookimpl
+
+    @hookimpl
+    def basinprobe_probes(self):
+        return [Draw]
+
+
+def test_a_failed_batch_reruns_each_cell_exactly_as_an_unbatched_run(write_spec, tmp_path):
+    registry = collect_registry_with(DrawPlugin())
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: draw}")
+    plain = load_spec(write_spec(text.replace("out.zarr", "plain.zarr"), "plain.yaml"), registry=registry)
+    batched = load_spec(write_spec(text.replace("out.zarr", "batched.zarr") + "execution: {batch_cells: true}\n",
+                                   "batched.yaml"), registry=registry)
+    with pytest.warns(RuntimeWarning, match="drew"):
+        reports = run_spec(plain, registry=registry), run_spec(batched, registry=registry)
+    assert all(r.ok for r in reports)
+    a, b = open_results(tmp_path / "plain.zarr")["eval"], open_results(tmp_path / "batched.zarr")["eval"]
+    np.testing.assert_array_equal(a["value"].values, b["value"].values)  # the same draws: fresh generators
+    assert len(b.attrs["warnings"]) == 6 and len(reports[1].warnings) == 6  # once per cell, not per attempt
