@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -60,6 +61,7 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
                    threads: int) -> tuple[int, list[str], list[str]]:
     """On a worker: run every unfinished cell of one sweep point; return (cells done, failures, warnings)."""
     from basinprobe.runtime.build import resolve_device, resolve_dtype
+    from basinprobe.runtime.context import ProbeWarning
     from basinprobe.runtime.execute import RunReport, Workshop, run_point
     from basinprobe.runtime.plan import compile_plan
     from basinprobe.runtime.progress import Reporter
@@ -82,7 +84,11 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
     shop = Workshop(spec, registry, torch_device, resolve_dtype(spec.dtype))
     store = RunStore(spec.output)
     report = RunReport(str(spec.output))
-    run_point(point, spec, shop, store, store.status(), Reporter(quiet=True), report, {})
+    with warnings.catch_warnings():
+        # returned to the coordinator, which prints them with the cells (a spawned worker does
+        # not inherit the coordinator's filter)
+        warnings.simplefilter("ignore", ProbeWarning)
+        run_point(point, spec, shop, store, store.status(), Reporter(quiet=True), report, {})
     return report.done, report.failures, report.warnings
 
 
