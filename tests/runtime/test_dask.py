@@ -18,7 +18,7 @@ from basinprobe.runtime.distributed import ExecutorError
 from basinprobe.runtime.execute import run_spec
 from basinprobe.runtime.spec import load_spec
 from conftest import TINY_SPEC
-from test_run import FlakyPlugin
+from test_run import Flaky, plugin_with
 
 SWEEP = TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep:\n  seed: [0, 1]\n  model.with.hidden: [[6], [3]]")
 
@@ -57,7 +57,7 @@ def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tiny_spec, cl
 
 
 def test_workers_lacking_a_probe_are_named(write_spec, tmp_path):
-    registry = collect_registry_with(FlakyPlugin())  # only this process knows 'flaky'
+    registry = collect_registry_with(plugin_with(Flaky))  # only this process knows 'flaky'
     spec = load_spec(write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: flaky, probe: flaky}")),
                      registry=registry)
     with pytest.raises(ExecutorError, match=r"lacks probe 'flaky' \(install the plugin that provides it"):

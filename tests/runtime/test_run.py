@@ -13,7 +13,7 @@ import torch
 import xarray as xr
 import zarr
 
-from basinprobe.registry import Probe, ProbeError, collect_registry_with
+from basinprobe.registry import Probe, ProbeError, collect_registry_with, hookimpl
 from basinprobe.runtime import open_results
 from basinprobe.runtime.execute import run_spec
 from basinprobe.runtime.spec import load_spec
@@ -123,6 +123,17 @@ def test_a_different_spec_is_refused_unless_overwrite(tiny_spec, write_spec, cli
     assert open_results(tmp_path / "out.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 30]
 
 
+def plugin_with(*probes):
+    """A plugin whose one hook contributes ``probes``, as an installed distribution's would."""
+
+    class Plugin:
+        @hookimpl
+        def basinprobe_probes(self):
+            return list(probes)
+
+    return Plugin()
+
+
 class Flaky(Probe):
     name = "flaky"
     schema = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -135,16 +146,8 @@ class Flaky(Probe):
         return xr.Dataset({"value": float(ctx.checkpoint)})
 
 
-class FlakyPlugin:
-    from basinprobe.registry import hookimpl
-
-    @hookimpl
-    def basinprobe_probes(self):
-        return [Flaky]
-
-
 def test_a_failing_probe_records_the_cell_and_the_rest_finish(write_spec, tmp_path):
-    registry = collect_registry_with(FlakyPlugin())
+    registry = collect_registry_with(plugin_with(Flaky))
     spec = load_spec(write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: flaky, probe: flaky}")),
                      registry=registry)
     report = run_spec(spec, registry=registry)
@@ -290,16 +293,8 @@ class SeedDistance(Probe):
         return xr.Dataset({"distance": (("seed_a", "seed_b"), dist)}, coords={"seed_a": labels, "seed_b": labels})
 
 
-class GroupPlugin:
-    from basinprobe.registry import hookimpl
-
-    @hookimpl
-    def basinprobe_probes(self):
-        return [SeedDistance]
-
-
 def test_group_probe_runs_once_per_remaining_cell_dims(write_spec, tmp_path):
-    registry = collect_registry_with(GroupPlugin())
+    registry = collect_registry_with(plugin_with(SeedDistance))
     text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: dist, probe: seed_distance}")
     spec = load_spec(write_spec(text), registry=registry)
     report = run_spec(spec, registry=registry)
@@ -320,7 +315,7 @@ def test_group_probe_spanning_a_missing_axis_is_a_spec_error(write_spec, tmp_pat
     from basinprobe.runtime.plan import compile_plan
     from basinprobe.runtime.spec import SpecError
 
-    registry = collect_registry_with(GroupPlugin())
+    registry = collect_registry_with(plugin_with(SeedDistance))
     text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: dist, probe: seed_distance, with: {axis: width}}")
     spec = load_spec(write_spec(text), registry=registry)
     with pytest.raises(SpecError, match=r"spec.yaml:12:\d+: at probes.1.with: there is no sweep axis 'width'"):
@@ -354,16 +349,8 @@ class Draw(Probe):
         raise RuntimeError("vmap cannot batch this model")
 
 
-class DrawPlugin:
-    from basinprobe.registry import hookimpl
-
-    @hookimpl
-    def basinprobe_probes(self):
-        return [Draw]
-
-
 def test_a_failed_batch_reruns_each_cell_exactly_as_an_unbatched_run(write_spec, tmp_path):
-    registry = collect_registry_with(DrawPlugin())
+    registry = collect_registry_with(plugin_with(Draw))
     text = TINY_SPEC.replace("probe: evaluate}", "probe: draw}")
     plain = load_spec(write_spec(text.replace("out.zarr", "plain.zarr"), "plain.yaml"), registry=registry)
     batched = load_spec(write_spec(text.replace("out.zarr", "batched.zarr") + "execution: {batch_cells: true}\n",
