@@ -225,9 +225,12 @@ def _translate(error: jsonschema.ValidationError, document, mark_override: Mark 
     if error.validator in ("anyOf", "oneOf") and error.context:
         # "not valid under any of the given schemas" names no fix: report what the branch
         # whose type fits the value wants, or, when no type fits, every type that would
-        misfits = [e for e in error.context if not e.path and (e.validator == "type" or (
-            e.validator == "enum" and not any(type(v) is type(e.instance) for v in e.validator_value)))]
-        branches = [e for e in error.context if e not in misfits]
+        def misfit(e):  # a branch that wants another type than the value has
+            return not e.path and (e.validator == "type" or (
+                e.validator == "enum" and not any(type(v) is type(e.instance) for v in e.validator_value)))
+
+        misfits = [e for e in error.context if misfit(e)]
+        branches = [e for e in error.context if not misfit(e)]
         if branches:
             return _translate(jsonschema.exceptions.best_match(branches), document, mark_override)
         expected = []
