@@ -152,7 +152,13 @@ class DaskCells:
         return self
 
     def _check_workers(self, plan) -> None:
-        inventories = self.client.run(worker_inventory)
+        try:
+            inventories = self.client.run(worker_inventory)
+        except Exception as exc:  # noqa: BLE001 - a worker could not even unpickle the question
+            if "No module named 'basinprobe" in str(exc):
+                raise ExecutorError(f"the dask workers cannot import basinprobe ({exc}); install basinprobe, "
+                                    "and the plugins the spec needs, in every worker's environment") from None
+            raise ExecutorError(f"cannot ask the dask workers what they can run: {type(exc).__name__}: {exc}") from None
         if not inventories:
             raise ExecutorError("the dask cluster has no workers")
         needs = _needs(self.spec, plan)

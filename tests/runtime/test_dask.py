@@ -69,6 +69,36 @@ def test_workers_lacking_a_probe_are_named(write_spec, tmp_path):
     assert not (tmp_path / "out.zarr").exists()
 
 
+HIDE_BASINPROBE = """
+import sys
+
+
+class HideBasinprobe:
+    \"\"\"A worker environment without basinprobe: its imports fail as if it were not installed.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "basinprobe" or name.startswith("basinprobe."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, HideBasinprobe())
+"""
+
+
+def test_workers_without_basinprobe_are_a_clear_error_and_nothing_is_written(tiny_spec, cli, tmp_path):
+    import distributed
+
+    preload = tmp_path / "hide_basinprobe.py"
+    preload.write_text(HIDE_BASINPROBE)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  preload=[str(preload)]) as cluster:
+        code, out, err = cli("run", tiny_spec, "--executor", "dask", "--scheduler", cluster.scheduler_address)
+    assert code == 2, err
+    assert "the dask workers cannot import basinprobe" in err and "in every worker's environment" in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_missing_dask_names_the_extra(tiny_spec, cli, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "distributed", None)
     code, out, err = cli("run", tiny_spec, "--executor", "dask")
