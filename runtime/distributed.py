@@ -47,6 +47,19 @@ def worker_inventory() -> dict:
     }
 
 
+def sees_store(output: str, spec_sha256: str) -> bool:
+    """Whether this process sees the store that the coordinator created for the spec."""
+    from basinprobe.runtime.store import RunStore
+
+    return RunStore(output).root_attrs().get("spec_sha256") == spec_sha256
+
+
+def _unseen_store(output: str, where: str) -> ExecutorError:
+    return ExecutorError(f"{where} cannot see the store {output} that the coordinator created; workers write "
+                         "their cells into it, so they need the coordinator's filesystem at the same path "
+                         "(a shared disk), and a relative output is taken from each worker's directory")
+
+
 def _needs(spec, plan) -> dict[str, set]:
     needs = {"probes": {e.probe for e in spec.probes}, "models": set(), "datasets": set(), "losses": set()}
     for point in plan.points:
@@ -81,6 +94,8 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
         name = get_worker().name
         slot = name if isinstance(name, int) else abs(hash(name))
         torch_device = torch.device("cuda", slot % torch.cuda.device_count())
+    if not sees_store(output, spec.sha256):  # its cells would be written where nobody reads them
+        raise _unseen_store(output, "this worker")
     shop = Workshop(spec, registry, torch_device, resolve_dtype(spec.dtype))
     store = RunStore(spec.output)
     report = RunReport(str(spec.output))
@@ -174,6 +189,13 @@ class DaskCells:
                                     "(install the plugin that provides it on every worker)")
         if problems:
             raise ExecutorError("; ".join(problems))
+
+    def check_store(self) -> None:
+        """Every worker must see the store the coordinator has just created."""
+        output = str(self.spec.output)
+        blind = sorted(w for w, seen in self.client.run(sees_store, output, self.spec.sha256).items() if not seen)
+        if blind:
+            raise _unseen_store(output, f"dask worker{'s' * (len(blind) > 1)} {', '.join(blind)}")
 
     def run_points(self, plan, status, reporter, report) -> None:
         from distributed import as_completed

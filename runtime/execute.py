@@ -155,7 +155,14 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
         cluster = DaskCells.connect(spec, plan, registry, execution, device or spec.device)
 
     store = RunStore(spec.output)
-    store.open_for(spec, str(torch_device), spec.dtype, overwrite)
+    try:
+        store.open_for(spec, str(torch_device), spec.dtype, overwrite)
+        if cluster is not None:
+            cluster.check_store()
+    except Exception:
+        if cluster is not None:
+            cluster.close()
+        raise
     status = store.status()
     report = RunReport(str(spec.output))
     entries_meta = {e.name: {"plugin": registry.probes[e.probe].plugin} for e in spec.probes}

@@ -12,10 +12,11 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from basinprobe.registry import collect_registry_with
+from basinprobe.registry import collect_registry_with, load_registry
 from basinprobe.runtime import open_results
-from basinprobe.runtime.distributed import ExecutorError
+from basinprobe.runtime.distributed import DaskCells, ExecutorError, run_point_task
 from basinprobe.runtime.execute import run_spec
+from basinprobe.runtime.plan import compile_plan
 from basinprobe.runtime.spec import load_spec
 from conftest import TINY_SPEC
 from test_run import Flaky, plugin_with
@@ -96,6 +97,24 @@ def test_workers_without_basinprobe_are_a_clear_error_and_nothing_is_written(tin
         code, out, err = cli("run", tiny_spec, "--executor", "dask", "--scheduler", cluster.scheduler_address)
     assert code == 2, err
     assert "the dask workers cannot import basinprobe" in err and "in every worker's environment" in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_workers_that_cannot_see_the_store_are_an_error_before_any_cell_runs(tiny_spec, tmp_path):
+    # On a cluster without a shared disk a worker would write its cells where the coordinator
+    # never reads them. Here the workers look before the coordinator has created the store.
+    spec = load_spec(tiny_spec)
+    plan = compile_plan(spec, load_registry())
+    cells = DaskCells.connect(spec, plan, load_registry(), {"workers": 2}, "cpu")
+    try:
+        with pytest.raises(ExecutorError, match=r"dask workers \S+, \S+ cannot see the store .*out.zarr that the "
+                                                r"coordinator created.*a shared disk"):
+            cells.check_store()
+    finally:
+        cells.close()
+    # a worker given a point anyway refuses it and writes nothing
+    with pytest.raises(ExecutorError, match="this worker cannot see the store"):
+        run_point_task(spec.text, str(tiny_spec), str(tmp_path / "out.zarr"), plan.points[0].key, "cpu", 1)
     assert not (tmp_path / "out.zarr").exists()
 
 
