@@ -15,11 +15,12 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
 from basinprobe.registry import load_registry
-from basinprobe.runtime.store import cell_label
+from basinprobe.runtime.store import RunStore, cell_label
 
 
 class ExecutorError(Exception):
@@ -49,15 +50,13 @@ def worker_inventory() -> dict:
 
 def sees_store(output: str, spec_sha256: str) -> bool:
     """Whether this process sees the store that the coordinator created for the spec."""
-    from basinprobe.runtime.store import RunStore
-
     return RunStore(output).root_attrs().get("spec_sha256") == spec_sha256
 
 
 def _unseen_store(output: str, where: str) -> ExecutorError:
     return ExecutorError(f"{where} cannot see the store {output} that the coordinator created; workers write "
                          "their cells into it, so they need the coordinator's filesystem at the same path "
-                         "(a shared disk), and a relative output is taken from each worker's directory")
+                         "(a shared disk)")
 
 
 def _needs(spec, plan) -> dict[str, set]:
@@ -79,7 +78,6 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
     from basinprobe.runtime.plan import compile_plan
     from basinprobe.runtime.progress import Reporter
     from basinprobe.runtime.spec import load_spec
-    from basinprobe.runtime.store import RunStore
 
     torch.set_num_threads(threads)
     spec = load_spec(spec_path, text=spec_text, output=output)
@@ -130,6 +128,8 @@ class DaskCells:
     def __init__(self, client, cluster, spec, device: str, threads: int):
         self.client, self.cluster, self.spec, self.device, self.threads = client, cluster, spec, device, threads
         self.futures = []
+        # workers have their own working directories: they get the store's absolute path
+        self.output = str(Path(spec.output).absolute())
 
     @classmethod
     def connect(cls, spec, plan, registry, execution: dict, device: str) -> "DaskCells":
@@ -192,10 +192,10 @@ class DaskCells:
 
     def check_store(self) -> None:
         """Every worker must see the store the coordinator has just created."""
-        output = str(self.spec.output)
-        blind = sorted(w for w, seen in self.client.run(sees_store, output, self.spec.sha256).items() if not seen)
+        seen = self.client.run(sees_store, self.output, self.spec.sha256)
+        blind = sorted(worker for worker, sees in seen.items() if not sees)
         if blind:
-            raise _unseen_store(output, f"dask worker{'s' * (len(blind) > 1)} {', '.join(blind)}")
+            raise _unseen_store(self.output, f"dask worker{'s' * (len(blind) > 1)} {', '.join(blind)}")
 
     def run_points(self, plan, status, reporter, report) -> None:
         from distributed import as_completed
@@ -208,7 +208,7 @@ class DaskCells:
                 continue
             future = self.client.submit(
                 run_point_task, self.spec.text, str(self.spec.source) if self.spec.source else None,
-                str(self.spec.output), point.key, self.device, self.threads,
+                self.output, point.key, self.device, self.threads,
                 key=f"basinprobe-{self.spec.sha256[:10]}-{point.key}", pure=False, retries=2)
             pending[future] = (point, len(todo))
         self.futures = list(pending)
