@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from importlib.metadata import version as _version
 from pathlib import Path
 
 import torch
@@ -35,6 +36,12 @@ def _import_distributed():
     return distributed
 
 
+def _versions() -> dict[str, str]:
+    """What the store's provenance records (torch without its build tag: a CPU coordinator may
+    drive CUDA workers); every worker must run the coordinator's versions."""
+    return {"basinprobe": _version("basinprobe"), "torch": torch.__version__.split("+")[0]}
+
+
 def worker_inventory() -> dict:
     """What a worker can run (called on every worker before any task is sent)."""
     try:
@@ -44,7 +51,7 @@ def worker_inventory() -> dict:
     return {
         "probes": sorted(registry.probes), "models": sorted(registry.models),
         "datasets": sorted(registry.datasets), "losses": sorted(registry.losses),
-        "gpus": torch.cuda.device_count(),
+        "gpus": torch.cuda.device_count(), "versions": _versions(),
     }
 
 
@@ -176,12 +183,16 @@ class DaskCells:
             raise ExecutorError(f"cannot ask the dask workers what they can run: {type(exc).__name__}: {exc}") from None
         if not inventories:
             raise ExecutorError("the dask cluster has no workers")
-        needs = _needs(self.spec, plan)
+        needs, versions = _needs(self.spec, plan), _versions()
         problems = []
         for worker, inventory in sorted(inventories.items()):
             if "error" in inventory:
                 problems.append(f"worker {worker}: {inventory['error']}")
                 continue
+            for package, theirs in inventory["versions"].items():
+                if theirs != versions[package]:
+                    problems.append(f"worker {worker} runs {package} {theirs}, the coordinator {versions[package]} "
+                                    "(install the same version on every worker)")
             for kind, wanted in needs.items():
                 missing = sorted(wanted - set(inventory[kind]))
                 if missing:

@@ -100,6 +100,28 @@ def test_workers_without_basinprobe_are_a_clear_error_and_nothing_is_written(tin
     assert not (tmp_path / "out.zarr").exists()
 
 
+OLD_BASINPROBE = """
+import importlib.metadata as metadata
+
+if not hasattr(metadata, "real_version"):  # a preload can run more than once in a worker
+    metadata.real_version = metadata.version
+    metadata.version = lambda name: "0.0.1" if name == "basinprobe" else metadata.real_version(name)
+"""
+
+
+def test_workers_running_another_basinprobe_version_are_named(tiny_spec, tmp_path):
+    import distributed
+
+    preload = tmp_path / "old_basinprobe.py"
+    preload.write_text(OLD_BASINPROBE)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  preload=[str(preload)]) as cluster:
+        with pytest.raises(ExecutorError, match=r"worker \S+ runs basinprobe 0.0.1, the coordinator \S+ \(install "
+                                                r"the same version on every worker\)"):
+            run_spec(load_spec(tiny_spec), executor="dask", scheduler=cluster.scheduler_address)
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_workers_that_cannot_see_the_store_are_an_error_before_any_cell_runs(tiny_spec, tmp_path):
     # On a cluster without a shared disk a worker would write its cells where the coordinator
     # never reads them. Here the workers look before the coordinator has created the store.
