@@ -189,6 +189,10 @@ class DaskCells:
             if "error" in inventory:
                 problems.append(f"worker {worker}: {inventory['error']}")
                 continue
+            wanted_gpu = torch.device(self.device).index if self.device.startswith("cuda") else None
+            if self.device.startswith("cuda") and inventory["gpus"] <= (wanted_gpu or 0):
+                problems.append(f"worker {worker} has {inventory['gpus']} GPUs, but the spec asks for device "
+                                f"{self.device!r} (use 'auto' to run on the GPUs where there are some)")
             for package, theirs in inventory["versions"].items():
                 if theirs != versions[package]:
                     problems.append(f"worker {worker} runs {package} {theirs}, the coordinator {versions[package]} "

@@ -140,23 +140,30 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     execution = {**spec.execution, **{k: v for k, v in (("executor", executor), ("scheduler", scheduler),
                                                         ("workers", workers)) if v is not None}}
     plan = compile_plan(spec, registry)
+    on_dask = execution.get("executor", "local") == "dask"
+    requested = device or spec.device
     try:
-        torch_device = resolve_device(device or spec.device)
+        torch_device = resolve_device(requested)
+        recorded = str(torch_device)
     except BuildError as exc:
-        raise SpecError([Problem(mark_of(spec.document, exc.path), exc.path, str(exc))]) from None
+        if not on_dask:
+            raise SpecError([Problem(mark_of(spec.document, exc.path), exc.path, str(exc))]) from None
+        # A coordinator without a GPU may drive GPU workers, which are checked for one; its own
+        # work (preflight, group-scoped probes) runs on its CPU.
+        torch_device, recorded = torch.device("cpu"), requested
     dtype = resolve_dtype(spec.dtype)
     shop = Workshop(spec, registry, torch_device, dtype)
     shop.preflight(plan)
     cluster = None
-    if execution.get("executor", "local") == "dask":
+    if on_dask:
         from basinprobe.runtime.distributed import DaskCells
 
         # Connect (and check the workers) before anything is written.
-        cluster = DaskCells.connect(spec, plan, registry, execution, device or spec.device)
+        cluster = DaskCells.connect(spec, plan, registry, execution, requested)
 
     store = RunStore(spec.output)
     try:
-        store.open_for(spec, str(torch_device), spec.dtype, overwrite)
+        store.open_for(spec, recorded, spec.dtype, overwrite)
         if cluster is not None:
             cluster.check_store()
     except Exception:

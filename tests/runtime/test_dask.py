@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -137,6 +138,15 @@ def test_workers_that_cannot_see_the_store_are_an_error_before_any_cell_runs(tin
     # a worker given a point anyway refuses it and writes nothing
     with pytest.raises(ExecutorError, match="this worker cannot see the store"):
         run_point_task(spec.text, str(tiny_spec), str(tmp_path / "out.zarr"), plan.points[0].key, "cpu", 1)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_cuda_spec_needs_gpus_on_the_workers_not_on_the_coordinator(write_spec, cli, tmp_path):
+    # this coordinator has no GPU, and neither have the workers: they are named, nothing written
+    spec = write_spec(TINY_SPEC.replace("device: cpu", "device: cuda"))
+    code, out, err = cli("run", spec, "--executor", "dask", "--workers", "1")
+    assert code == 2, err
+    assert re.search(r"worker \S+ has 0 GPUs, but the spec asks for device 'cuda'", err), err
     assert not (tmp_path / "out.zarr").exists()
 
 
