@@ -237,8 +237,7 @@ class DaskCells:
             report.done += done
             report.failures.extend(failures)
             report.warnings.extend(warnings_)
-            for _ in range(count):
-                reporter.cell_done(label, f"{done} done, {len(failures)} failed")
+            reporter.cell_done(label, f"{done} cell results written, {len(failures)} failed", count)
 
     def cancel(self) -> None:
         if self.futures:

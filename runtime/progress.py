@@ -30,9 +30,10 @@ class Reporter:
     def start_cells(self, total: int, description: str = "cells") -> None:
         self._cells = self._progress.add_task(description, total=total)
 
-    def cell_done(self, label: str, outcome: str) -> None:
+    def cell_done(self, label: str, outcome: str, count: int = 1) -> None:
+        """``count`` cell results finished under one ``label`` (a dask point reports all of its own)."""
         if self._cells is not None:
-            self._progress.advance(self._cells)
+            self._progress.advance(self._cells, count)
         if not self.live and not self.quiet:
             self.console.print(f"{label}: {outcome}", highlight=False)
 

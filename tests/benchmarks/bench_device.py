@@ -64,8 +64,8 @@ class EntryTimes(Reporter):
         super().__init__(quiet=True)
         self.seconds: dict[str, float] = {}
 
-    def cell_done(self, label: str, outcome: str) -> None:
-        super().cell_done(label, outcome)
+    def cell_done(self, label: str, outcome: str, count: int = 1) -> None:
+        super().cell_done(label, outcome, count)
         match = DONE.match(f"{label.split()[-1]}: {outcome}")
         if match is None:
             raise RuntimeError(f"{label}: {outcome}")

@@ -43,9 +43,12 @@ def test_dask_run_is_bit_identical_to_local(write_spec, cli, tmp_path, one_intra
     dask = write_spec(sweep.replace("out.zarr", "dask.zarr"), "dask.yaml")
     code, out, local_err = cli("run", local, "-q")
     assert code == 0, local_err
-    code, out, err = cli("run", dask, "-q", "--executor", "dask", "--workers", "2")
+    code, out, err = cli("run", dask, "--executor", "dask", "--workers", "2")
     assert code == 0, err
     assert_same_store(tmp_path / "local.zarr", tmp_path / "dask.zarr")
+    # one progress line per sweep point (4 of them, 5 cell results each), as its future finishes
+    finished = sorted(line for line in err.splitlines() if "cell results written" in line)
+    assert len(finished) == 4 and all(line.endswith(": 5 cell results written, 0 failed") for line in finished), err
     warned = sorted(line for line in err.splitlines() if line.startswith("warning:"))
     assert len(warned) == 4 and warned == sorted(line for line in local_err.splitlines() if line.startswith("warning:"))
     assert open_results(tmp_path / "dask.zarr")["eval"]["loss"].dims == ("seed", "hidden", "checkpoint", "split")
