@@ -158,6 +158,10 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     if on_dask:
         from basinprobe.runtime.distributed import DaskCells
 
+        if execution.get("batch_cells"):
+            reporter.note("note: batch_cells applies to the local executor; on dask every sweep point runs "
+                          "on its own worker, unbatched")
+
         # Connect (and check the workers) before anything is written.
         cluster = DaskCells.connect(spec, plan, registry, execution, requested)
 

@@ -40,12 +40,13 @@ def test_dask_run_is_bit_identical_to_local(write_spec, cli, tmp_path, one_intra
     sweep = SWEEP.replace("probe: evaluate}", "probe: evaluate}\n  - {name: hess, probe: hessian_spectrum, at: [0]}"
                           "\n  - {name: jac, probe: behavioral_gradients, at: [20]}")
     local = write_spec(sweep.replace("out.zarr", "local.zarr"), "local.yaml")
-    dask = write_spec(sweep.replace("out.zarr", "dask.zarr"), "dask.yaml")
+    dask = write_spec(sweep.replace("out.zarr", "dask.zarr") + "execution: {batch_cells: true}\n", "dask.yaml")
     code, out, local_err = cli("run", local, "-q")
     assert code == 0, local_err
     code, out, err = cli("run", dask, "--executor", "dask", "--workers", "2")
     assert code == 0, err
     assert_same_store(tmp_path / "local.zarr", tmp_path / "dask.zarr")
+    assert "note: batch_cells applies to the local executor" in err
     # one progress line per sweep point (4 of them, 5 cell results each), as its future finishes
     finished = sorted(line for line in err.splitlines() if "cell results written" in line)
     assert len(finished) == 4 and all(line.endswith(": 5 cell results written, 0 failed") for line in finished), err
