@@ -184,13 +184,13 @@ class DaskCells:
         if not inventories:
             raise ExecutorError("the dask cluster has no workers")
         needs, versions = _needs(self.spec, plan), _versions()
+        gpus_needed = (torch.device(self.device).index or 0) + 1 if self.device.startswith("cuda") else 0
         problems = []
         for worker, inventory in sorted(inventories.items()):
             if "error" in inventory:
                 problems.append(f"worker {worker}: {inventory['error']}")
                 continue
-            wanted_gpu = torch.device(self.device).index if self.device.startswith("cuda") else None
-            if self.device.startswith("cuda") and inventory["gpus"] <= (wanted_gpu or 0):
+            if inventory["gpus"] < gpus_needed:
                 problems.append(f"worker {worker} has {inventory['gpus']} GPUs, but the spec asks for device "
                                 f"{self.device!r} (use 'auto' to run on the GPUs where there are some)")
             for package, theirs in inventory["versions"].items():

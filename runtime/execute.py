@@ -146,7 +146,7 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
         torch_device = resolve_device(requested)
         recorded = str(torch_device)
     except BuildError as exc:
-        if not on_dask:
+        if not (on_dask and requested.startswith("cuda")):
             raise SpecError([Problem(mark_of(spec.document, exc.path), exc.path, str(exc))]) from None
         # A coordinator without a GPU may drive GPU workers, which are checked for one; its own
         # work (preflight, group-scoped probes) runs on its CPU.
