@@ -76,12 +76,13 @@ def _needs(spec, plan) -> dict[str, set]:
     return needs
 
 
-def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key: str, device: str,
-                   threads: int) -> tuple[int, list[str], list[str]]:
-    """On a worker: run every unfinished cell of one sweep point; return (cells done, failures, warnings)."""
+def run_points_task(spec_text: str, spec_path: str | None, output: str, point_keys: list[str], device: str,
+                    threads: int, batch_cells: bool = False) -> tuple[int, list[str], list[str]]:
+    """On a worker: run every unfinished cell of some sweep points (batched probes once over
+    them with ``batch_cells``); return (cell results written, failures, warnings)."""
     from basinprobe.runtime.build import resolve_device, resolve_dtype
     from basinprobe.runtime.context import ProbeWarning
-    from basinprobe.runtime.execute import RunReport, Workshop, run_point
+    from basinprobe.runtime.execute import RunReport, Workshop, run_points
     from basinprobe.runtime.plan import compile_plan
     from basinprobe.runtime.progress import Reporter
     from basinprobe.runtime.spec import load_spec
@@ -90,7 +91,7 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
     spec = load_spec(spec_path, text=spec_text, output=output)
     registry = load_registry()
     plan = compile_plan(spec, registry)
-    point = next(p for p in plan.points if p.key == point_key)
+    points = [p for p in plan.points if p.key in set(point_keys)]
     torch_device = resolve_device(device)
     if torch_device.type == "cuda" and torch_device.index is None and torch.cuda.device_count() > 1:
         # Without dask-cuda every worker sees every GPU: pin one per worker.
@@ -108,7 +109,8 @@ def run_point_task(spec_text: str, spec_path: str | None, output: str, point_key
         # returned to the coordinator, which prints them with the cells (a spawned worker does
         # not inherit the coordinator's filter)
         warnings.simplefilter("ignore", ProbeWarning)
-        run_point(point, spec, shop, store, store.status(), Reporter(quiet=True), report, {})
+        run_points(points, spec, shop, store, store.status(), Reporter(quiet=True), report, {},
+                   batch_cells=batch_cells)
     return report.done, report.failures, report.warnings
 
 
@@ -135,6 +137,7 @@ class DaskCells:
     def __init__(self, client, cluster, spec, device: str, threads: int):
         self.client, self.cluster, self.spec, self.device, self.threads = client, cluster, spec, device, threads
         self.futures = []
+        self.workers = 1
         # workers have their own working directories: they get the store's absolute path
         self.output = str(Path(spec.output).absolute())
 
@@ -183,6 +186,7 @@ class DaskCells:
             raise ExecutorError(f"cannot ask the dask workers what they can run: {type(exc).__name__}: {exc}") from None
         if not inventories:
             raise ExecutorError("the dask cluster has no workers")
+        self.workers = len(inventories)
         needs, versions = _needs(self.spec, plan), _versions()
         gpus_needed = (torch.device(self.device).index or 0) + 1 if self.device.startswith("cuda") else 0
         problems = []
@@ -212,24 +216,44 @@ class DaskCells:
         if blind:
             raise _unseen_store(self.output, f"dask worker{'s' * (len(blind) > 1)} {', '.join(blind)}")
 
-    def run_points(self, plan, status, reporter, report) -> None:
+    def _tasks(self, plan, status, batch_cells: bool) -> list[tuple[list, int]]:
+        """The points with unfinished cells, one task each; with ``batch_cells``, the points
+        that can be batched together are split into as many tasks as there are workers."""
+        todo = {}
+        for point in plan.points:
+            units = [(c.key, e.name) for c in point.cells for e in c.entries]
+            count = sum(status.get(u, {}).get("status") != "done" for u in units)
+            if count:
+                todo[point.key] = (point, count)
+        if not batch_cells:
+            return [([point], count) for point, count in todo.values()]
+        from basinprobe.runtime.execute import batch_key
+
+        together: dict[tuple, list] = {}
+        for point, _ in todo.values():
+            together.setdefault(batch_key(point), []).append(point)
+        tasks = []
+        for points in together.values():
+            shares = min(len(points), self.workers)
+            for i in range(shares):
+                share = points[i::shares]
+                tasks.append((share, sum(todo[p.key][1] for p in share)))
+        return tasks
+
+    def run_points(self, plan, status, reporter, report, batch_cells: bool = False) -> None:
         from distributed import as_completed
 
         pending = {}
-        for point in plan.points:
-            units = [(c.key, e.name) for c in point.cells for e in c.entries]
-            todo = [u for u in units if status.get(u, {}).get("status") != "done"]
-            if not todo:
-                continue
+        for points, count in self._tasks(plan, status, batch_cells):
             future = self.client.submit(
-                run_point_task, self.spec.text, str(self.spec.source) if self.spec.source else None,
-                self.output, point.key, self.device, self.threads,
-                key=f"basinprobe-{self.spec.sha256[:10]}-{point.key}", pure=False, retries=2)
-            pending[future] = (point, len(todo))
+                run_points_task, self.spec.text, str(self.spec.source) if self.spec.source else None,
+                self.output, [p.key for p in points], self.device, self.threads, batch_cells,
+                key=f"basinprobe-{self.spec.sha256[:10]}-{points[0].key}-{len(points)}", pure=False, retries=2)
+            pending[future] = (points, count)
         self.futures = list(pending)
         for future in as_completed(self.futures):
-            point, count = pending[future]
-            label = cell_label(point.coords) or point.key
+            points, count = pending[future]
+            label = ", ".join(cell_label(p.coords) or p.key for p in points)
             try:
                 done, failures, warnings_ = future.result()
             except Exception as exc:  # the task failed beyond its retries (e.g. workers kept dying)

@@ -158,10 +158,6 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     if on_dask:
         from basinprobe.runtime.distributed import DaskCells
 
-        if execution.get("batch_cells"):
-            reporter.note("note: batch_cells applies to the local executor; on dask every sweep point runs "
-                          "on its own worker, unbatched")
-
         # Connect (and check the workers) before anything is written.
         cluster = DaskCells.connect(spec, plan, registry, execution, requested)
 
@@ -189,14 +185,10 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
             reporter.start_cells(len(todo), f"{spec.name}")
             states: dict[str, PointState] = {}
             if cluster is not None:
-                cluster.run_points(plan, status, reporter, report)
+                cluster.run_points(plan, status, reporter, report, batch_cells=bool(execution.get("batch_cells")))
             else:
-                batched = _batched_entries(spec, registry) if execution.get("batch_cells") else frozenset()
-                for point in plan.points:
-                    run_point(point, spec, shop, store, status, reporter, report, states,
-                              keep_state=bool(plan.groups or batched), skip=batched)
-                for batch in _batches(plan, batched, status):
-                    _run_batch(batch, spec, shop, store, reporter, report, states)
+                run_points(plan.points, spec, shop, store, status, reporter, report, states,
+                           batch_cells=bool(execution.get("batch_cells")), keep_state=bool(plan.groups))
             for group in plan.groups:
                 if status.get((group.key, group.entry.name), {}).get("status") != "done":
                     _run_group(group, spec, shop, store, reporter, report, states)
@@ -309,21 +301,37 @@ def run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, r
                        store, reporter, report)
 
 
+def run_points(points: list[PointPlan], spec, shop: Workshop, store: RunStore, status, reporter, report,
+               states: dict, *, batch_cells: bool, keep_state: bool = False) -> None:
+    """Every unfinished cell of ``points``: with ``batch_cells``, the entries of batched probes
+    run last, once over each set of cells that share an architecture, data and checkpoint."""
+    batched = _batched_entries(spec, shop.registry) if batch_cells else frozenset()
+    for point in points:
+        run_point(point, spec, shop, store, status, reporter, report, states,
+                  keep_state=keep_state or bool(batched), skip=batched)
+    for batch in _batches(points, batched, status):
+        _run_batch(batch, spec, shop, store, reporter, report, states)
+
+
+def batch_key(point: PointPlan) -> tuple[str, str]:
+    """Points with equal keys hold cells that a batched probe can run together."""
+    model = point.config.model
+    return point.data_node, json.dumps([model.kind, model.factory, model.with_], sort_keys=True)
+
+
 def _batched_entries(spec: Spec, registry: Registry) -> frozenset:
     return frozenset(e.name for e in spec.probes
                      if registry.probes[e.probe].obj().batched and registry.probes[e.probe].obj().scope == "cell")
 
 
-def _batches(plan: Plan, batched: frozenset, status) -> list[list]:
+def _batches(points: list[PointPlan], batched: frozenset, status) -> list[list]:
     """Unfinished cells of batched entries, grouped by entry, checkpoint, data and architecture."""
     groups: dict[tuple, list] = {}
-    for point in plan.points:
-        model = point.config.model
-        architecture = json.dumps([model.kind, model.factory, model.with_], sort_keys=True)
+    for point in points:
         for cell in point.cells:
             for entry in cell.entries:
                 if entry.name in batched and status.get((cell.key, entry.name), {}).get("status") != "done":
-                    key = (entry.name, cell.checkpoint, point.data_node, architecture)
+                    key = (entry.name, cell.checkpoint, *batch_key(point))
                     groups.setdefault(key, []).append((point, cell, entry))
     return list(groups.values())
 

@@ -15,7 +15,7 @@ pytest.importorskip("distributed")
 
 from basinprobe.registry import collect_registry_with, load_registry
 from basinprobe.runtime import open_results
-from basinprobe.runtime.distributed import DaskCells, ExecutorError, run_point_task
+from basinprobe.runtime.distributed import DaskCells, ExecutorError, run_points_task
 from basinprobe.runtime.execute import run_spec
 from basinprobe.runtime.plan import compile_plan
 from basinprobe.runtime.spec import load_spec
@@ -40,13 +40,12 @@ def test_dask_run_is_bit_identical_to_local(write_spec, cli, tmp_path, one_intra
     sweep = SWEEP.replace("probe: evaluate}", "probe: evaluate}\n  - {name: hess, probe: hessian_spectrum, at: [0]}"
                           "\n  - {name: jac, probe: behavioral_gradients, at: [20]}")
     local = write_spec(sweep.replace("out.zarr", "local.zarr"), "local.yaml")
-    dask = write_spec(sweep.replace("out.zarr", "dask.zarr") + "execution: {batch_cells: true}\n", "dask.yaml")
+    dask = write_spec(sweep.replace("out.zarr", "dask.zarr"), "dask.yaml")
     code, out, local_err = cli("run", local, "-q")
     assert code == 0, local_err
     code, out, err = cli("run", dask, "--executor", "dask", "--workers", "2")
     assert code == 0, err
     assert_same_store(tmp_path / "local.zarr", tmp_path / "dask.zarr")
-    assert "note: batch_cells applies to the local executor" in err
     # one progress line per sweep point (4 of them, 5 cell results each), as its future finishes
     finished = sorted(line for line in err.splitlines() if "cell results written" in line)
     assert len(finished) == 4 and all(line.endswith(": 5 cell results written, 0 failed") for line in finished), err
@@ -56,6 +55,28 @@ def test_dask_run_is_bit_identical_to_local(write_spec, cli, tmp_path, one_intra
     # resuming on dask keeps everything
     code, out, err = cli("run", dask, "-q", "--executor", "dask", "--workers", "2")
     assert code == 0 and "0 cell results written, 20 kept" in out
+
+
+def test_batch_cells_on_dask_batches_each_workers_share_of_the_seeds(write_spec, cli, tmp_path):
+    sweep = (TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep: {seed: [0, 1, 2, 3]}")
+             .replace("device: cpu", "device: cpu\ndtype: float64")
+             .replace("probe: evaluate}", "probe: evaluate}\n  - {name: hess, probe: hessian_spectrum, at: last, "
+                                          "with: {top_k: 3, method: lanczos, probes: 3, steps: 12}}"))
+    local = write_spec(sweep.replace("out.zarr", "local.zarr"), "local.yaml")
+    dask = write_spec(sweep.replace("out.zarr", "dask.zarr") + "execution: {batch_cells: true}\n", "dask.yaml")
+    assert cli("run", local, "-q")[0] == 0
+    code, out, err = cli("run", dask, "--executor", "dask", "--workers", "2")
+    assert code == 0, err
+    # two workers, one architecture: two tasks of two seeds each (3 evaluate cells + 1 hess each)
+    finished = sorted(line for line in err.splitlines() if "cell results written" in line)
+    assert finished == ["seed=0, seed=2: 8 cell results written, 0 failed",
+                        "seed=1, seed=3: 8 cell results written, 0 failed"], err
+    # batched results equal the unbatched ones up to floating-point reassociation
+    ta, tb = open_results(tmp_path / "local.zarr"), open_results(tmp_path / "dask.zarr")
+    for group in ("eval", "hess", "_checkpoints"):
+        for name, var in ta[group].to_dataset().data_vars.items():
+            np.testing.assert_allclose(tb[group][name].values, var.values, rtol=1e-10, atol=1e-12,
+                                       err_msg=f"{group}/{name}")
 
 
 def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tiny_spec, cli, tmp_path):
@@ -141,7 +162,7 @@ def test_workers_that_cannot_see_the_store_are_an_error_before_any_cell_runs(tin
         cells.close()
     # a worker given a point anyway refuses it and writes nothing
     with pytest.raises(ExecutorError, match="this worker cannot see the store"):
-        run_point_task(spec.text, str(tiny_spec), str(tmp_path / "out.zarr"), plan.points[0].key, "cpu", 1)
+        run_points_task(spec.text, str(tiny_spec), str(tmp_path / "out.zarr"), [plan.points[0].key], "cpu", 1)
     assert not (tmp_path / "out.zarr").exists()
 
 
