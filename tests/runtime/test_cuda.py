@@ -1,6 +1,6 @@
 """Whole runs on a GPU: a spec with `device: cuda` stores what the CPU run stores, and dask
-workers run their cells on the GPU. Skipped without CUDA (tests/benchmarks/device_checks.sh runs
-them on a lent GPU machine)."""
+workers run their cells on the GPU as a local GPU run does. Skipped without CUDA
+(tests/benchmarks/device_checks.sh runs them on a lent GPU machine)."""
 
 import numpy as np
 import pytest
@@ -17,10 +17,11 @@ SPEC = TINY_SPEC.replace("device: cpu", "device: DEVICE\ndtype: float64").replac
     "  - {name: jac, probe: behavioral_gradients, at: last}\n"
     "  - {name: llc, probe: langevin, at: last, with: {chains: 8, draws: 200, step_size: 0.0001}}")
 
-# Deterministic given the parameters: equal to rounding. Random draws (SLQ probes, Hutch++ sketches,
-# SGLD noise) come from generators on the cell's device, so those variables are compared
-# statistically or not at all.
-EXACT = {"eval": None, "hess": None, "jac": None, "hess_lanczos": ["top_eigenvalues", "loss", "gradient_norm"]}
+# Deterministic given the parameters: equal to rounding. Lanczos eigenvalues are certified to
+# `tol` (1e-6 relative), and rounding may stop one device a step before the other, so they are
+# compared to 2 tol. SGLD noise comes from a generator on the cell's device: the LLC is compared
+# statistically.
+EXACT = {"eval": None, "hess": None, "jac": None, "hess_lanczos": ["loss", "gradient_norm"]}
 
 
 def _run(cli, write_spec, device: str, name: str, *extra) -> object:
@@ -40,6 +41,8 @@ def test_a_spec_on_cuda_stores_what_the_cpu_run_stores(cli, write_spec):
         a, b = cpu[group].to_dataset(), gpu[group].to_dataset()
         for name in names or a.data_vars:
             np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-7, atol=1e-9, err_msg=f"{group}/{name}")
+    np.testing.assert_allclose(gpu["hess_lanczos"]["top_eigenvalues"].values,
+                               cpu["hess_lanczos"]["top_eigenvalues"].values, rtol=2e-6)
     # the LLC on each device from its own noise: equal within the two standard errors
     a, b = cpu["llc"].to_dataset(), gpu["llc"].to_dataset()
     gap = np.abs(a.llc.values - b.llc.values)
@@ -47,7 +50,7 @@ def test_a_spec_on_cuda_stores_what_the_cpu_run_stores(cli, write_spec):
 
 
 @pytest.mark.cuda
-def test_dask_workers_run_their_cells_on_the_gpu_bit_for_bit_as_locally(cli, write_spec, one_intra_op_thread):
+def test_dask_workers_run_their_cells_on_the_gpu_as_a_local_gpu_run_does(cli, write_spec, one_intra_op_thread):
     pytest.importorskip("distributed")   # one intra-op thread, as on the worker: see test_dask
     local = _run(cli, write_spec, "auto", "local")
     dask = _run(cli, write_spec, "auto", "dask", "--executor", "dask", "--workers", "1")
@@ -55,4 +58,6 @@ def test_dask_workers_run_their_cells_on_the_gpu_bit_for_bit_as_locally(cli, wri
     assert set(dask.children) == set(local.children)
     for group in local.children:
         for name, var in local[group].to_dataset().data_vars.items():
-            np.testing.assert_array_equal(dask[group][name].values, var.values, err_msg=f"{group}/{name}")
+            # to rounding: bit for bit is promised on CPU; some CUDA kernels reduce in varying order
+            np.testing.assert_allclose(dask[group][name].values, var.values, rtol=1e-12, atol=1e-14,
+                                       err_msg=f"{group}/{name}")
