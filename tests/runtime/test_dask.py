@@ -1,5 +1,6 @@
 """The dask executor: identical results, failures and bad clusters reported clearly."""
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -10,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("distributed")
 
@@ -113,13 +115,20 @@ sys.meta_path.insert(0, HideBasinprobe())
 """
 
 
-def test_workers_without_basinprobe_are_a_clear_error_and_nothing_is_written(tiny_spec, cli, tmp_path):
+@contextlib.contextmanager
+def cluster_preloading(source: str, folder):
+    """A one-worker LocalCluster whose worker runs ``source`` before anything else."""
     import distributed
 
-    preload = tmp_path / "hide_basinprobe.py"
-    preload.write_text(HIDE_BASINPROBE)
+    preload = folder / "preload.py"
+    preload.write_text(source)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
                                   preload=[str(preload)]) as cluster:
+        yield cluster
+
+
+def test_workers_without_basinprobe_are_a_clear_error_and_nothing_is_written(tiny_spec, cli, tmp_path):
+    with cluster_preloading(HIDE_BASINPROBE, tmp_path) as cluster:
         code, out, err = cli("run", tiny_spec, "--executor", "dask", "--scheduler", cluster.scheduler_address)
     assert code == 2, err
     assert "the dask workers cannot import basinprobe" in err and "in every worker's environment" in err
@@ -136,12 +145,7 @@ if not hasattr(metadata, "real_version"):  # a preload can run more than once in
 
 
 def test_workers_running_another_basinprobe_version_are_named(tiny_spec, tmp_path):
-    import distributed
-
-    preload = tmp_path / "old_basinprobe.py"
-    preload.write_text(OLD_BASINPROBE)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  preload=[str(preload)]) as cluster:
+    with cluster_preloading(OLD_BASINPROBE, tmp_path) as cluster:
         with pytest.raises(ExecutorError, match=r"worker \S+ runs basinprobe 0.0.1, the coordinator \S+ \(install "
                                                 r"the same version on every worker\)"):
             run_spec(load_spec(tiny_spec), executor="dask", scheduler=cluster.scheduler_address)
@@ -166,6 +170,7 @@ def test_workers_that_cannot_see_the_store_are_an_error_before_any_cell_runs(tin
     assert not (tmp_path / "out.zarr").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs workers without a GPU")
 def test_a_cuda_spec_needs_gpus_on_the_workers_not_on_the_coordinator(write_spec, cli, tmp_path):
     # this coordinator has no GPU, and neither have the workers: they are named, nothing written
     spec = write_spec(TINY_SPEC.replace("device: cpu", "device: cuda"))
