@@ -138,7 +138,8 @@ class DaskCells:
         self.client, self.cluster, self.spec, self.device, self.threads = client, cluster, spec, device, threads
         self.futures = []
         self.workers = 1
-        # workers have their own working directories: they get the store's absolute path
+        # workers have their own working directories: they get absolute paths (the store here,
+        # the spec file in run_points, against which its relative paths resolve)
         self.output = str(Path(spec.output).absolute())
 
     @classmethod
@@ -246,7 +247,7 @@ class DaskCells:
         pending = {}
         for points, count in self._tasks(plan, status, batch_cells):
             future = self.client.submit(
-                run_points_task, self.spec.text, str(self.spec.source) if self.spec.source else None,
+                run_points_task, self.spec.text, str(Path(self.spec.source).absolute()) if self.spec.source else None,
                 self.output, [p.key for p in points], self.device, self.threads, batch_cells,
                 key=f"basinprobe-{self.spec.sha256[:10]}-{points[0].key}-{len(points)}", pure=False, retries=2)
             pending[future] = (points, count)

@@ -152,6 +152,23 @@ def test_workers_running_another_basinprobe_version_are_named(tiny_spec, tmp_pat
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_workers_in_another_directory_get_the_spec_and_the_store_by_absolute_path(write_spec, cli, tmp_path,
+                                                                                  monkeypatch):
+    from basinprobe.runtime.models import make_mlp
+
+    (tmp_path / "ckpt").mkdir()
+    for i in range(2):
+        torch.save(make_mlp(**{"in": 4, "hidden": [6], "out": 3}).state_dict(), tmp_path / "ckpt" / f"step_{i}.pt")
+    text = TINY_SPEC.replace("train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}\n", "")
+    write_spec(text.replace("activation: tanh}}", "activation: relu}, checkpoints: ['ckpt/step_*.pt']}"))
+    monkeypatch.chdir(tmp_path)   # relative spec and output paths, as typed in a shell
+    with cluster_preloading("import os\nos.chdir('/')\n", tmp_path) as cluster:
+        code, out, err = cli("run", "spec.yaml", "-o", "relative.zarr", "-q", "--executor", "dask",
+                             "--scheduler", cluster.scheduler_address)
+    assert code == 0, err
+    assert open_results(tmp_path / "relative.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 1]
+
+
 def test_workers_that_cannot_see_the_store_are_an_error_before_any_cell_runs(tiny_spec, tmp_path):
     # On a cluster without a shared disk a worker would write its cells where the coordinator
     # never reads them. Here the workers look before the coordinator has created the store.
