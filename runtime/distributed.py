@@ -55,6 +55,19 @@ def worker_inventory() -> dict:
     }
 
 
+def factory_failures(targets: list[str]) -> dict[str, str]:
+    """The model factories (``module:function``) this process cannot import, with why."""
+    from basinprobe.runtime.build import BuildError, import_factory
+
+    failed = {}
+    for target in targets:
+        try:
+            import_factory(target)
+        except BuildError as exc:
+            failed[target] = str(exc)
+    return failed
+
+
 def sees_store(output: str, spec_sha256: str) -> bool:
     """Whether this process sees the store that the coordinator created for the spec."""
     return RunStore(output).root_attrs().get("spec_sha256") == spec_sha256
@@ -207,6 +220,11 @@ class DaskCells:
                 if missing:
                     problems.append(f"worker {worker} lacks {kind[:-1]} {', '.join(map(repr, missing))} "
                                     "(install the plugin that provides it on every worker)")
+        factories = sorted({p.config.model.factory for p in plan.points if p.config.model.factory})
+        if factories:
+            for worker, failed in sorted(self.client.run(factory_failures, factories).items()):
+                problems += [f"worker {worker}: {why} (the module must be importable on every worker)"
+                             for why in failed.values()]
         if problems:
             raise ExecutorError("; ".join(problems))
 

@@ -169,6 +169,22 @@ def test_workers_in_another_directory_get_the_spec_and_the_store_by_absolute_pat
     assert open_results(tmp_path / "relative.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 1]
 
 
+def test_a_model_factory_the_workers_cannot_import_is_named(write_spec, cli, tmp_path, monkeypatch):
+    folder = tmp_path / "only_here"
+    folder.mkdir()
+    (folder / "local_models.py").write_text("from basinprobe.runtime.models import make_mlp as make\n")
+    monkeypatch.syspath_prepend(str(folder))   # importable here; the worker, as if elsewhere, lacks the folder
+    spec = write_spec(TINY_SPEC.replace("{kind: mlp, with: {in: 4, hidden: [6], out: 3, activation: tanh}}",
+                                        "{factory: 'local_models:make', with: {in: 4, hidden: [6], out: 3}}"))
+    elsewhere = "import sys\nsys.path[:] = [p for p in sys.path if not p.endswith('only_here')]\n"
+    with cluster_preloading(elsewhere, tmp_path) as cluster:
+        code, out, err = cli("run", spec, "--executor", "dask", "--scheduler", cluster.scheduler_address)
+    assert code == 2, err
+    assert re.search(r"worker \S+: cannot import factory 'local_models:make': ModuleNotFoundError.* \(the module "
+                     r"must be importable on every worker\)", err), err
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_workers_that_cannot_see_the_store_are_an_error_before_any_cell_runs(tiny_spec, tmp_path):
     # On a cluster without a shared disk a worker would write its cells where the coordinator
     # never reads them. Here the workers look before the coordinator has created the store.
