@@ -104,7 +104,8 @@ def run_points_task(spec_text: str, spec_path: str | None, output: str, point_ke
     spec = load_spec(spec_path, text=spec_text, output=output)
     registry = load_registry()
     plan = compile_plan(spec, registry)
-    points = [p for p in plan.points if p.key in set(point_keys)]
+    wanted = set(point_keys)
+    points = [p for p in plan.points if p.key in wanted]
     torch_device = resolve_device(device)
     if torch_device.type == "cuda" and torch_device.index is None and torch.cuda.device_count() > 1:
         # Without dask-cuda every worker sees every GPU: pin one per worker.
@@ -151,8 +152,9 @@ class DaskCells:
         self.client, self.cluster, self.spec, self.device, self.threads = client, cluster, spec, device, threads
         self.futures = []
         self.workers = 1
-        # workers have their own working directories: they get absolute paths (the store here,
-        # the spec file in run_points, against which its relative paths resolve)
+        # workers have their own working directories: they get absolute paths (the spec file's,
+        # against which its relative paths resolve, and the store's)
+        self.spec_path = str(Path(spec.source).absolute()) if spec.source else None
         self.output = str(Path(spec.output).absolute())
 
     @classmethod
@@ -265,8 +267,8 @@ class DaskCells:
         pending = {}
         for points, count in self._tasks(plan, status, batch_cells):
             future = self.client.submit(
-                run_points_task, self.spec.text, str(Path(self.spec.source).absolute()) if self.spec.source else None,
-                self.output, [p.key for p in points], self.device, self.threads, batch_cells,
+                run_points_task, self.spec.text, self.spec_path, self.output, [p.key for p in points],
+                self.device, self.threads, batch_cells,
                 key=f"basinprobe-{self.spec.sha256[:10]}-{points[0].key}-{len(points)}", pure=False, retries=2)
             pending[future] = (points, count)
         self.futures = list(pending)
