@@ -40,7 +40,6 @@ m·n·(1 − φ)/(1 + φ).
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
 
 
 def _split(draws: np.ndarray) -> np.ndarray:
@@ -55,6 +54,10 @@ def _split(draws: np.ndarray) -> np.ndarray:
 
 
 def _normal_scores(draws: np.ndarray) -> np.ndarray:
+    # Imported here: scipy.stats takes ~1 s to import, which every command that loads the
+    # probes (even `validate`) would otherwise pay.
+    from scipy import special, stats
+
     ranks = stats.rankdata(draws, method="average").reshape(draws.shape)
     return special.ndtri((ranks - 0.375) / (draws.size + 0.25))
 
