@@ -12,7 +12,6 @@ by the scheduler; the retry reads the store and redoes only unfinished cells.
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from importlib.metadata import version as _version
@@ -172,12 +171,7 @@ class DaskCells:
                 workers = int(execution.get("workers") or gpus or 2)
                 import dask
 
-                method = _start_method(device)
-                if method == "fork" and any(p.config.train is not None for p in plan.points):
-                    # torch.optim's optimizers import torch._dynamo when first built (~1.6 s);
-                    # imported here once, before the fork, every worker inherits it
-                    importlib.import_module("torch._dynamo")
-                with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+                with dask.config.set({"distributed.worker.multiprocessing-method": _start_method(device)}):
                     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads,
                                                        processes=True, dashboard_address=None)
                 client = distributed.Client(cluster, timeout=timeout)

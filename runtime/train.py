@@ -15,15 +15,71 @@ class TrainingDiverged(Exception):
     pass
 
 
-def make_optimizer(params, opt) -> torch.optim.Optimizer:
-    if opt.kind == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0,
-                               weight_decay=opt.weight_decay)
-    if opt.kind == "adam":
-        return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    if opt.kind == "adamw":
-        return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    raise ValueError(f"unknown optimizer {opt.kind!r}")
+class Optimizer:
+    """SGD (with momentum, Nesterov), Adam and AdamW: torch.optim's update rules, step for step.
+
+    Written out rather than taken from ``torch.optim`` because building a ``torch.optim``
+    optimizer imports ``torch._dynamo``, 1.6-2.4 s that every training command and every
+    dask worker would pay. The arithmetic is that of torch.optim's single-tensor path (the
+    one it takes for CPU tensors), so the parameters equal torch.optim's bit for bit on CPU
+    (tested). Parameters without a gradient are left alone and do not count a step, as there.
+    """
+
+    EPS = 1e-8   # Adam's ε, torch.optim's default
+
+    def __init__(self, params, spec):
+        if spec.kind not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"unknown optimizer {spec.kind!r}: use sgd, adam or adamw")
+        self.params = list(params)
+        self.spec = spec
+        self.state: list[dict] = [{} for _ in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        update = self._sgd if self.spec.kind == "sgd" else self._adam
+        for p, state in zip(self.params, self.state):
+            if p.grad is not None:
+                update(p, p.grad, state)
+
+    def _sgd(self, p, grad, state) -> None:
+        spec = self.spec
+        if spec.weight_decay != 0:
+            grad = grad.add(p, alpha=spec.weight_decay)
+        if spec.momentum != 0:
+            buf = state.get("momentum")
+            if buf is None:
+                buf = state["momentum"] = grad.detach().clone()
+            else:
+                buf.mul_(spec.momentum).add_(grad)
+            grad = grad.add(buf, alpha=spec.momentum) if spec.nesterov else buf
+        p.add_(grad, alpha=-spec.lr)
+
+    def _adam(self, p, grad, state) -> None:
+        spec = self.spec
+        beta1, beta2 = spec.betas
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        t, exp_avg, exp_avg_sq = float(state["step"]), state["exp_avg"], state["exp_avg_sq"]
+        if spec.weight_decay != 0:
+            if spec.kind == "adamw":   # decoupled (Loshchilov & Hutter 2019)
+                p.mul_(1 - spec.lr * spec.weight_decay)
+            else:
+                grad = grad.add(p, alpha=spec.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = spec.lr / (1 - beta1 ** t)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** t) ** 0.5).add_(self.EPS)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def make_optimizer(params, opt) -> Optimizer:
+    """The optimizer an :class:`basinprobe.runtime.spec.OptimizerSpec` names, over ``params``."""
+    return Optimizer(params, opt)
 
 
 def train(model: torch.nn.Module, data: Dataset, loss_fn, cfg, generator: torch.Generator,
@@ -45,7 +101,7 @@ def train(model: torch.nn.Module, data: Dataset, loss_fn, cfg, generator: torch.
             order, cursor = torch.randperm(n, generator=generator), 0
         idx = order[cursor:cursor + batch].to(X.device)
         cursor += batch
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss = loss_fn(model(X[idx]), y[idx])
         if not math.isfinite(loss.item()):
             raise TrainingDiverged(

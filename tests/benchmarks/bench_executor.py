@@ -48,11 +48,10 @@ def timed_command(folder: Path, name: str, steps: int, *extra: str) -> float:
 
 
 STARTUP = textwrap.dedent("""
-    import importlib, time
+    import time
     import dask, distributed
     from basinprobe.runtime.distributed import _start_method, worker_inventory
     started = time.perf_counter()
-    importlib.import_module("torch._dynamo")   # as the coordinator does before forking a training sweep
     with dask.config.set({"distributed.worker.multiprocessing-method": _start_method("cpu")}):
         cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                            dashboard_address=None)
@@ -65,9 +64,8 @@ STARTUP = textwrap.dedent("""
 
 
 def cluster_startup() -> float:
-    """What --executor dask pays before the first cell of a training sweep, in a fresh process:
-    the coordinator's torch._dynamo import, then a 2-worker LocalCluster whose workers report
-    their plugins."""
+    """What --executor dask pays before the first cell, in a fresh process: a 2-worker
+    LocalCluster whose workers report their plugins."""
     out = subprocess.run([sys.executable, "-c", STARTUP], check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -98,8 +96,7 @@ def main() -> None:
     print(f"  ratio dask / local  {median(ratios):6.2f}   (pairs: {', '.join(f'{r:.2f}' for r in ratios)}; "
           "target <= 0.65)")
     startup = median([cluster_startup() for _ in range(repeats)])
-    print(f"  cluster start-up    {startup:6.2f} s   (torch._dynamo import + LocalCluster + workers reporting "
-          "their plugins)")
+    print(f"  cluster start-up    {startup:6.2f} s   (LocalCluster + workers reporting their plugins)")
 
 
 if __name__ == "__main__":
