@@ -50,6 +50,17 @@ def test_digits_is_the_real_offline_dataset():
     assert data.X_train.shape[1] == 64 and len(data.X_train) + len(data.X_test) == 1797 and data.n_classes == 10
 
 
+def test_digits_read_from_the_file_equal_load_digits(monkeypatch):
+    """The table is read from scikit-learn's file (fast) or through load_digits (when the file
+    is not found); both give exactly load_digits' data."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    raw = sklearn_datasets.load_digits()
+    expected = np.column_stack([raw.data, raw.target])
+    assert np.array_equal(datasets._digits_table(), expected)
+    monkeypatch.setattr(datasets.Path, "is_file", lambda self: False)
+    assert np.array_equal(datasets._digits_table(), expected)
+
+
 def test_npz_and_pt_files(tmp_path):
     X, y = np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 2
     np.savez(tmp_path / "d.npz", X=X, y=y)
