@@ -171,7 +171,12 @@ class DaskCells:
                 workers = int(execution.get("workers") or gpus or 2)
                 import dask
 
-                with dask.config.set({"distributed.worker.multiprocessing-method": _start_method(device)}):
+                method = _start_method(device)
+                if method == "fork":
+                    # xarray imports dask.array (~1 s) when it first builds a variable with dask
+                    # installed; imported once here, before the fork, the workers inherit it
+                    import dask.array  # noqa: F401
+                with dask.config.set({"distributed.worker.multiprocessing-method": method}):
                     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads,
                                                        processes=True, dashboard_address=None)
                 client = distributed.Client(cluster, timeout=timeout)
