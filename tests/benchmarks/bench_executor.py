@@ -6,8 +6,8 @@ in turn, each in a fresh process writing a fresh store, so both pay what a user 
 (imports, and for dask the cluster's start); the ratio is taken pair by pair and its median
 printed. The cells are seconds of training each (``--steps``, default 4000 training steps per
 seed, ~4 s here), so the ratio says how the executor scales rather than how fast a cluster
-starts; each command also pays ~6-7 s that no executor can split (imports, torch._dynamo,
-which torch's optimizers import, the store), which longer cells amortize.
+starts; each command also pays ~5 s that no executor can split (imports, the store), which
+longer cells amortize.
 """
 
 import argparse
