@@ -181,21 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from basinprobe.registry import PluginError
-    from basinprobe.runtime.results import ResultsError
-    from basinprobe.runtime.spec import SpecError
-    from basinprobe.runtime.distributed import ExecutorError
-    from basinprobe.runtime.store import StoreMismatch
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as exc:
-        print(f"error: invalid spec\n{exc}", file=sys.stderr)
-        return EXIT_SPEC
-    except (StoreMismatch, ResultsError, PluginError, ExecutorError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_SPEC
+    except Exception as exc:
+        # The error classes are imported only now: their modules import torch (~2 s), which
+        # `query` and `plot` do not otherwise need.
+        from basinprobe.registry import PluginError
+        from basinprobe.runtime.distributed import ExecutorError
+        from basinprobe.runtime.results import ResultsError
+        from basinprobe.runtime.spec import SpecError
+        from basinprobe.runtime.store import StoreMismatch
+
+        if isinstance(exc, SpecError):
+            print(f"error: invalid spec\n{exc}", file=sys.stderr)
+            return EXIT_SPEC
+        if isinstance(exc, (StoreMismatch, ResultsError, PluginError, ExecutorError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_SPEC
+        raise
 
 
 if __name__ == "__main__":

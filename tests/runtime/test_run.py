@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -51,6 +52,21 @@ def test_run_writes_labelled_cells_and_query_reads_them(tiny_spec, cli, tmp_path
                                                                                         checkpoint=20)))
     code, out, err = cli("query", tmp_path / "out.zarr", "eval/loss", "--sel", "seed=7")
     assert code == 2 and "seed=7 is not in the store" in err
+
+
+def test_query_reads_a_store_without_importing_torch(tiny_spec, cli, tmp_path):
+    """Reading results needs xarray and zarr only; torch's import alone takes ~2 s."""
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    script = textwrap.dedent(f"""
+        import sys
+        from basinprobe.runtime.cli import main
+        assert main(["query", {str(tmp_path / "out.zarr")!r}, "eval/loss", "--sel", "seed=0"]) == 0
+        print("torch imported:", "torch" in sys.modules)
+        assert main(["query", {str(tmp_path / "out.zarr")!r}, "eval/loss", "--sel", "seed=7"]) == 2
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "checkpoint" in done.stdout and "torch imported: False" in done.stdout
+    assert "seed=7 is not in the store" in done.stderr   # the error path still exits 2 with the message
 
 
 def test_checkpoint_parameters_recompute_the_stored_loss(tiny_spec, cli, tmp_path):
