@@ -144,6 +144,34 @@ def _start_method(device: str) -> str:
     return "fork" if on_cpu and not torch.cuda.is_initialized() else "spawn"
 
 
+def _local_cluster(distributed, workers: int, threads: int, device: str, gpus: int):
+    """A cluster of ``workers`` processes on this machine for work on ``device``.
+
+    For work on the GPUs (``device`` ``cuda`` or ``auto`` with GPUs here), dask-cuda's
+    ``LocalCUDACluster`` where it is installed and there are no more workers than GPUs: it gives
+    each worker one GPU of its own through ``CUDA_VISIBLE_DEVICES``. Otherwise distributed's
+    ``LocalCluster``, whose workers, when they see several GPUs, pin ``cuda:(index mod GPUs)``
+    (:func:`run_points_task`).
+    """
+    import dask
+
+    method = _start_method(device)
+    if method == "spawn" and device in ("cuda", "auto") and 0 < workers <= gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            pass
+        else:
+            return LocalCUDACluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None)
+    if method == "fork":
+        # xarray imports dask.array (~1 s) when it first builds a variable with dask installed;
+        # imported once here, before the fork, the workers inherit it
+        import dask.array  # noqa: F401
+    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+        return distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                                        dashboard_address=None)
+
+
 class DaskCells:
     """A connection to a cluster that runs the sweep points of one spec."""
 
@@ -169,16 +197,7 @@ class DaskCells:
             else:
                 gpus = torch.cuda.device_count()
                 workers = int(execution.get("workers") or gpus or 2)
-                import dask
-
-                method = _start_method(device)
-                if method == "fork":
-                    # xarray imports dask.array (~1 s) when it first builds a variable with dask
-                    # installed; imported once here, before the fork, the workers inherit it
-                    import dask.array  # noqa: F401
-                with dask.config.set({"distributed.worker.multiprocessing-method": method}):
-                    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads,
-                                                       processes=True, dashboard_address=None)
+                cluster = _local_cluster(distributed, workers, threads, device, gpus)
                 client = distributed.Client(cluster, timeout=timeout)
         except (OSError, TimeoutError, RuntimeError) as exc:
             raise ExecutorError(f"cannot reach the dask scheduler {address or '(local)'} within {timeout:g} s: "

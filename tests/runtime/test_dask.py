@@ -213,6 +213,33 @@ def test_a_cuda_spec_needs_gpus_on_the_workers_not_on_the_coordinator(write_spec
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_gpu_work_gets_one_gpu_per_worker_from_dask_cuda_where_installed(monkeypatch):
+    """Which local cluster starts (recorded by stand-ins, nothing is started): dask-cuda's
+    LocalCUDACluster for GPU work with no more workers than GPUs, else distributed's LocalCluster."""
+    import types
+
+    from basinprobe.runtime import distributed as executor
+
+    started = []
+
+    def recorder(kind):
+        return lambda **kwargs: started.append((kind, kwargs)) or kind
+
+    dask_cuda = types.SimpleNamespace(LocalCUDACluster=recorder("LocalCUDACluster"))
+    plain = types.SimpleNamespace(LocalCluster=recorder("LocalCluster"))
+    monkeypatch.setitem(sys.modules, "dask_cuda", dask_cuda)
+    monkeypatch.setattr(executor, "_start_method", lambda device: "fork" if device == "cpu" else "spawn")
+    cases = [(("cuda", 2, 2), "LocalCUDACluster"), (("auto", 1, 4), "LocalCUDACluster"),
+             (("cuda", 3, 2), "LocalCluster"),     # more workers than GPUs: they share by index
+             (("cuda:1", 2, 2), "LocalCluster"),   # one named GPU for every worker
+             (("cpu", 2, 2), "LocalCluster"), (("auto", 2, 0), "LocalCluster")]
+    for (device, workers, gpus), expected in cases:
+        assert executor._local_cluster(plain, workers, 1, device, gpus) == expected, (device, workers, gpus)
+    assert started[0] == ("LocalCUDACluster", {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": None})
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)   # not installed
+    assert executor._local_cluster(plain, 2, 1, "cuda", 2) == "LocalCluster"
+
+
 def test_missing_dask_names_the_extra(tiny_spec, cli, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "distributed", None)
     code, out, err = cli("run", tiny_spec, "--executor", "dask")
