@@ -29,6 +29,9 @@ class Dataset:
     def __post_init__(self):
         if self.task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', not {self.task!r}")
+        if self.task == "classification" and (self.y_train.is_floating_point() or self.y_test.is_floating_point()):
+            raise ValueError("a classification dataset's y must hold integer class labels (one per example), "
+                             f"not {self.y_train.dtype}: convert them with y.long()")
         if self.task == "classification" and self.n_classes is None:
             self.n_classes = int(max(self.y_train.max(), self.y_test.max() if len(self.y_test) else 0)) + 1
         if len(self.X_train) != len(self.y_train) or len(self.X_test) != len(self.y_test):

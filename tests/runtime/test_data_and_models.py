@@ -98,3 +98,13 @@ def test_training_is_reproducible_bit_for_bit_and_checkpoints_every(write_spec):
     assert list(runs[0]) == [0, 10, 20, 25]
     assert all(torch.equal(runs[0][s], runs[1][s]) for s in runs[0])
     assert not torch.equal(runs[0][0], runs[0][25])
+
+
+def test_a_classification_dataset_needs_integer_labels():
+    from basinprobe.registry import Dataset
+
+    X = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"integer class labels .* y\.long\(\)"):
+        Dataset(X, torch.tensor([0.0, 1.0, 1.0, 0.0]), X[:0], torch.zeros(0), task="classification")
+    assert Dataset(X, torch.tensor([0, 1, 1, 0]), X[:0], torch.zeros(0, dtype=torch.long),
+                   task="classification").n_classes == 2
