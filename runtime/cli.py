@@ -72,6 +72,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+SHOWN_AFTER_RUN = 20   # warnings (and failures) printed after a run; a big sweep can have thousands
+
+
+def capped(kind: str, messages: list[str], store: str) -> list[str]:
+    """``kind: message`` lines for the first :data:`SHOWN_AFTER_RUN` messages, then one line
+    that counts the rest and says where every one of them is kept."""
+    lines = [f"{kind}: {message}" for message in messages[:SHOWN_AFTER_RUN]]
+    if len(messages) > SHOWN_AFTER_RUN:
+        lines.append(f"{kind}: ... and {len(messages) - SHOWN_AFTER_RUN} more ({len(messages)} in all), kept in "
+                     f"their groups' `{'failed' if kind == 'failed' else 'warnings'}` attrs: "
+                     f"`basinprobe query {store}` lists every one")
+    return lines
+
+
 def cmd_run(args) -> int:
     from basinprobe.runtime.context import ProbeWarning
     from basinprobe.runtime.execute import run_spec
@@ -84,10 +98,8 @@ def cmd_run(args) -> int:
         warnings.simplefilter("ignore", ProbeWarning)
         report = run_spec(spec, overwrite=args.overwrite, device=args.device, reporter=Reporter(quiet=args.quiet),
                           executor=args.executor, scheduler=args.scheduler, workers=args.workers)
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    for failure in report.failures:
-        print(f"failed: {failure}", file=sys.stderr)
+    for line in capped("warning", report.warnings, report.store) + capped("failed", report.failures, report.store):
+        print(line, file=sys.stderr)
     print(f"{report.store}: {report.done} cell results written, {report.skipped} kept from an earlier run, "
           f"{len(report.failures)} failed" + (" (interrupted)" if report.interrupted else ""))
     if report.interrupted:

@@ -377,3 +377,14 @@ def test_a_failed_batch_reruns_each_cell_exactly_as_an_unbatched_run(write_spec,
     a, b = open_results(tmp_path / "plain.zarr")["eval"], open_results(tmp_path / "batched.zarr")["eval"]
     np.testing.assert_array_equal(a["value"].values, b["value"].values)  # the same draws: fresh generators
     assert len(b.attrs["warnings"]) == 6 and len(reports[1].warnings) == 6  # once per cell, not per attempt
+
+
+def test_a_big_sweeps_warnings_are_counted_after_the_first_twenty():
+    from basinprobe.runtime.cli import SHOWN_AFTER_RUN, capped
+
+    few = capped("warning", ["a: x", "b: y"], "out.zarr")
+    assert few == ["warning: a: x", "warning: b: y"]
+    many = capped("failed", [f"seed={i} eval: boom" for i in range(SHOWN_AFTER_RUN + 5)], "out.zarr")
+    assert many[:2] == ["failed: seed=0 eval: boom", "failed: seed=1 eval: boom"] and len(many) == SHOWN_AFTER_RUN + 1
+    assert many[-1] == (f"failed: ... and 5 more ({SHOWN_AFTER_RUN + 5} in all), kept in their groups' `failed` "
+                        "attrs: `basinprobe query out.zarr` lists every one")
