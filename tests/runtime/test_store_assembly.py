@@ -1,0 +1,78 @@
+"""Assembling a store writes each cell's arrays into place when the cells are alike; the result
+must be exactly what aligning them with xr.merge gives."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from basinprobe.registry import collect_registry_with
+from basinprobe.runtime import open_results
+from basinprobe.runtime import store as store_module
+from basinprobe.runtime.execute import run_spec
+from basinprobe.runtime.spec import load_spec
+from test_run import Flaky, plugin_with
+
+pytestmark = pytest.mark.filterwarnings("ignore:not near a minimum")
+
+SWEEP_SPEC = """
+version: 1
+name: assembly
+seed: 0
+device: cpu
+dtype: float64
+model: {kind: mlp, with: {in: 3, hidden: [4], out: 2, activation: tanh}}
+data: {kind: gaussian_mixture, with: {n: 40, in: 3, classes: 2}, batch_size: 20}
+loss: cross_entropy
+train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}
+sweep: {seed: [0, 1], model.with.activation: [tanh, relu], model.with.hidden: [[4], [5]]}
+probes:
+  - {name: eval, probe: evaluate}
+  - {name: hess, probe: hessian_spectrum, at: [20], with: {method: dense}}
+  - {name: jac, probe: behavioral_gradients, at: [0]}
+  - {name: flaky, probe: flaky}
+  - {name: mc, probe: mode_connectivity, at: last, with: {pairs: {sweep: seed}, alphas: 3, align: [none], init_to_final: true}}
+output: out.zarr
+"""
+
+
+def stores(write_spec, tmp_path, monkeypatch, text):
+    """The store assembled as it is, and again with every group aligned by xr.merge; and which
+    groups were written into place."""
+    registry = collect_registry_with(plugin_with(Flaky))
+    alike = []
+    combine_alike = store_module._combine_alike
+
+    def recording(cells, dims, order):
+        result = combine_alike(cells, dims, order)
+        alike.append(result is not None)
+        return result
+
+    monkeypatch.setattr(store_module, "_combine_alike", recording)
+    run_spec(load_spec(write_spec(text), registry=registry), registry=registry)
+    fast = open_results(tmp_path / "out.zarr")
+    monkeypatch.setattr(store_module, "_combine_alike", lambda cells, dims, order: None)
+    run_spec(load_spec(write_spec(text.replace("out.zarr", "merged.zarr")), registry=registry), registry=registry)
+    return fast, open_results(tmp_path / "merged.zarr"), alike
+
+
+def test_cells_written_into_place_equal_the_merged_ones(write_spec, tmp_path, monkeypatch):
+    fast, merged, alike = stores(write_spec, tmp_path, monkeypatch, SWEEP_SPEC)
+    # eval, flaky (failed cells: NaN) and mc (whose variables carry seed) go into place; hess, jac
+    # and _checkpoints differ in size across the hidden widths, so xr.merge aligns them
+    assert alike.count(True) >= 2 and alike.count(False) >= 2
+    assert set(fast.children) == set(merged.children)
+    for name in fast.children:
+        xr.testing.assert_identical(fast[name].to_dataset(), merged[name].to_dataset())
+    loss = fast["eval"]["loss"]
+    assert loss.dims[:4] == ("seed", "activation", "hidden", "checkpoint")
+    assert loss["activation"].values.tolist() == ["tanh", "relu"] and loss["hidden"].values.tolist() == ["[4]", "[5]"]
+    assert np.isnan(fast["flaky"]["value"].sel(seed=1, checkpoint=10)).all()
+
+
+@pytest.mark.parametrize("width", [[4], [5]])
+def test_a_sweep_of_one_width_is_written_into_place_whole(write_spec, tmp_path, monkeypatch, width):
+    text = SWEEP_SPEC.replace("model.with.hidden: [[4], [5]]", f"model.with.hidden: [{width}]")
+    fast, merged, alike = stores(write_spec, tmp_path, monkeypatch, text)
+    assert all(alike)
+    for name in fast.children:
+        xr.testing.assert_identical(fast[name].to_dataset(), merged[name].to_dataset())
