@@ -138,6 +138,19 @@ def test_sweep_values_are_validated_where_they_are_written(write_spec):
     assert problem.mark.line == 10 and "out of range" in problem.message
 
 
+def test_each_bad_value_of_a_long_sweep_is_named_at_its_line(write_spec):
+    """Sweep values are checked against the schema of their own block (the model's, with its
+    kind's `with:` schema; the top-level seed's), each at the line where it is written."""
+    seeds = "\n".join(f"    - {s}" for s in [*range(300), -1])
+    text = GOOD + f"sweep:\n  model.with.activation: [tanh, sigmoid]\n  seed:\n{seeds}\n"
+    _, problems = problems_of(write_spec, text)
+    assert len(problems) == 2
+    activation, seed = sorted(problems, key=lambda p: p.mark.line)
+    assert activation.mark.line == 10 and "sigmoid" in activation.message
+    assert activation.path[:3] == ("model", "with", "activation")
+    assert seed.mark.line == 12 + 300 and "out of range" in seed.message and seed.path == ("seed",)
+
+
 def test_sweep_axis_named_after_a_sel_keyword_is_refused(write_spec):
     _, problems = problems_of(write_spec, GOOD + "sweep:\n  model.with.method: [1]\n")
     assert any("may not be named 'method'" in p.message for p in problems)
