@@ -72,15 +72,23 @@ class Workshop:
             raise self._spec_error(exc) from None
 
     def preflight(self, plan: Plan) -> dict[str, tuple[int, int]]:
-        """Build every point's data and model once before anything is written (bad input fails here)."""
-        sizes = {}
+        """Build every point's data and model once before anything is written (bad input fails here).
+
+        Points whose model and data differ only in the seed are checked once: a long seed axis
+        would otherwise build (and seed) thousands of identical architectures here.
+        """
+        sizes, checked = {}, {}
         for point in plan.points:
+            alike = (repr(point.config.model), point.data_node)
+            if point.source != "files" and alike in checked:
+                sizes[point.key] = checked[alike]
+                continue
             data = self.data(point)
             model = self.model(point)
             if point.source == "files":
                 self.file_trajectory(point, model)
             self._check_shapes(point, model, data)
-            sizes[point.key] = (sum(p.numel() for p in model.parameters()), len(data.X_train))
+            sizes[point.key] = checked[alike] = (sum(p.numel() for p in model.parameters()), len(data.X_train))
         return sizes
 
     def _check_shapes(self, point, model, data) -> None:
