@@ -48,9 +48,12 @@ def cmd_plan(args) -> int:
     data_nodes: dict[str, int] = {}
     for point in plan.points:
         data_nodes[point.data_node] = data_nodes.get(point.data_node, 0) + 1
+    for point in plan.points[: args.max_cells]:
         table.add_row(point.key, json.dumps(point.coords), str(sizes[point.key][0]), point.source,
                       str(point.steps), point.data_node[:40])
     console.print(table)
+    if len(plan.points) > args.max_cells:
+        console.print(f"... and {len(plan.points) - args.max_cells} more sweep points")
     cells = Table("cell", "probes", "shared artifacts (requested by)")
     for cell in plan.cells[: args.max_cells]:
         shared = "; ".join(f"{node} <- {', '.join(by)}" + (" [shared]" if len(by) > 1 else "")
@@ -161,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("plan", help="print the compiled plan and a cost estimate")
     p.add_argument("spec")
-    p.add_argument("--max-cells", type=int, default=20)
+    p.add_argument("--max-cells", type=int, default=20, help="rows listed per table (sweep points, cells, groups)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("run", help="run a spec and write its Zarr store")
     p.add_argument("spec")

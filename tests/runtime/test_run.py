@@ -249,6 +249,8 @@ def test_plan_shows_cells_and_shared_data(write_spec, cli):
     assert code == 0
     assert "2 sweep points, 6 cells" in out and "data sets built: 1 (shared by 1 further sweep points)" in out
     assert "estimated cost" in out
+    code, out, err = cli("plan", spec, "--max-cells", "1")
+    assert "... and 1 more sweep points" in out and "... and 5 more cells" in out
 
 
 def test_plot_draws_a_png(tiny_spec, cli, tmp_path):
