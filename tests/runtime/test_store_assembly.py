@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from basinprobe.registry import collect_registry_with
+from basinprobe.registry import Probe, ProbeError, collect_registry_with
 from basinprobe.runtime import open_results
 from basinprobe.runtime import store as store_module
 from basinprobe.runtime.execute import run_spec
 from basinprobe.runtime.spec import load_spec
+from conftest import TINY_SPEC
 from test_run import Flaky, plugin_with
 
 pytestmark = pytest.mark.filterwarnings("ignore:not near a minimum")
@@ -76,3 +77,38 @@ def test_a_sweep_of_one_width_is_written_into_place_whole(write_spec, tmp_path, 
     assert all(alike)
     for name in fast.children:
         xr.testing.assert_identical(fast[name].to_dataset(), merged[name].to_dataset())
+
+
+class Sometimes(Probe):
+    """Fails on one cell while ``failing`` is set (a cell that a rerun retries)."""
+    name = "sometimes"
+    schema = {"type": "object", "properties": {}, "additionalProperties": False}
+    failing = True
+
+    def run(self, ctx, params):
+        if Sometimes.failing and ctx.cell["seed"] == 1 and ctx.checkpoint == 10:
+            raise ProbeError("not this time")
+        return xr.Dataset({"value": ("k", np.arange(3.0) + ctx.checkpoint + 100 * ctx.cell["seed"])})
+
+
+def test_a_rerun_merges_retried_cells_into_the_assembled_groups_and_leaves_finished_ones(write_spec, tmp_path,
+                                                                                          monkeypatch):
+    registry = collect_registry_with(plugin_with(Sometimes))
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: some, probe: sometimes}")
+    spec = load_spec(write_spec(text), registry=registry)
+    monkeypatch.setattr(Sometimes, "failing", True)
+    assert len(run_spec(spec, registry=registry).failures) == 1
+    eval_written = (tmp_path / "out.zarr" / "eval" / "zarr.json").stat().st_mtime_ns
+    monkeypatch.setattr(Sometimes, "failing", False)
+    report = run_spec(spec, registry=registry)
+    assert report.ok and report.done == 1    # only the failed cell ran again
+    # the eval group had nothing new: it was left as it was
+    assert (tmp_path / "out.zarr" / "eval" / "zarr.json").stat().st_mtime_ns == eval_written
+    resumed = open_results(tmp_path / "out.zarr")
+    fresh_spec = load_spec(write_spec(text.replace("out.zarr", "fresh.zarr"), "fresh.yaml"), registry=registry)
+    assert run_spec(fresh_spec, registry=registry).ok
+    fresh = open_results(tmp_path / "fresh.zarr")
+    for name in ("eval", "some", "_checkpoints"):
+        xr.testing.assert_identical(resumed[name].to_dataset(), fresh[name].to_dataset())
+    assert resumed["some"]["value"].sel(seed=1, checkpoint=10).values.tolist() == [110.0, 111.0, 112.0]
+    assert run_spec(spec, registry=registry).done == 0
