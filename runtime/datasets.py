@@ -146,7 +146,7 @@ def _digits_table() -> np.ndarray:
     """The digits as scikit-learn ships them: 1797 rows of 64 pixel values (0-16), then the label.
 
     Read from scikit-learn's own file when it is where scikit-learn keeps it, since importing
-    scikit-learn (and with it scipy.stats) takes ~1.5 s of every process that loads the
+    scikit-learn (and with it scipy.stats) takes ~1.2 s of every process that loads the
     digits; otherwise through ``load_digits``, which reads the same file.
     """
     found = importlib.util.find_spec("sklearn")

@@ -164,7 +164,7 @@ def _local_cluster(distributed, workers: int, threads: int, device: str, gpus: i
         else:
             return LocalCUDACluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None)
     if method == "fork":
-        # xarray imports dask.array (~1 s) when it first builds a variable with dask installed;
+        # xarray imports dask.array (~0.7 s) when it first builds a variable with dask installed;
         # imported once here, before the fork, the workers inherit it
         import dask.array  # noqa: F401
     with dask.config.set({"distributed.worker.multiprocessing-method": method}):

@@ -54,7 +54,7 @@ def _split(draws: np.ndarray) -> np.ndarray:
 
 
 def _normal_scores(draws: np.ndarray) -> np.ndarray:
-    # Imported here: scipy.stats takes ~1 s to import, which every command that loads the
+    # Imported here: scipy.stats takes ~0.9 s to import, which every command that loads the
     # probes (even `validate`) would otherwise pay.
     from scipy import special, stats
 

@@ -207,7 +207,7 @@ def _cost(a: dict, b: dict, entries: list[tuple[str, int]], n: int) -> torch.Ten
 
 def _assignment(cost: torch.Tensor) -> torch.Tensor:
     """The permutation maximizing Σ_i C[i, perm[i]]."""
-    from scipy.optimize import linear_sum_assignment   # here: scipy.optimize takes ~0.9 s to import
+    from scipy.optimize import linear_sum_assignment   # here: scipy.optimize takes ~0.6 s to import
 
     rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
     return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
