@@ -19,7 +19,7 @@ class Optimizer:
     """SGD (with momentum, Nesterov), Adam and AdamW: torch.optim's update rules, step for step.
 
     Written out rather than taken from ``torch.optim`` because building a ``torch.optim``
-    optimizer imports ``torch._dynamo``, 1.6-2.4 s that every training command and every
+    optimizer imports ``torch._dynamo``, ~2 s that every training command and every
     dask worker would pay. The arithmetic is that of torch.optim's single-tensor path (the
     one it takes for CPU tensors), so the parameters equal torch.optim's bit for bit on CPU
     (tested). Parameters without a gradient are left alone and do not count a step, as there.
