@@ -163,7 +163,7 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     shop = Workshop(spec, registry, torch_device, dtype)
     shop.preflight(plan)
     cluster = None
-    if on_dask:
+    if on_dask and not _all_done(spec, plan, overwrite):
         from basinprobe.runtime.distributed import DaskCells
 
         # Connect (and check the workers) before anything is written.
@@ -182,8 +182,7 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     report = RunReport(str(spec.output))
     entries_meta = {e.name: {"plugin": registry.probes[e.probe].plugin} for e in spec.probes}
     point_layouts = {p.key: {"coords": p.coords} for p in plan.points}
-    units = [(cell.key, entry.name) for cell in plan.cells for entry in cell.entries]
-    units += [(group.key, group.entry.name) for group in plan.groups]
+    units = _units(plan)
     todo = [unit for unit in units if status.get(unit, {}).get("status") != "done"]
     report.skipped = len(units) - len(todo)
     if report.skipped:
@@ -210,6 +209,22 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
             cluster.close()
         store.assemble(spec, entries_meta, point_layouts)
     return report
+
+
+def _units(plan: Plan) -> list[tuple[str, str]]:
+    """Every (cell or group, entry) of the plan: what the store's status records."""
+    units = [(cell.key, entry.name) for cell in plan.cells for entry in cell.entries]
+    return units + [(group.key, group.entry.name) for group in plan.groups]
+
+
+def _all_done(spec: Spec, plan: Plan, overwrite: bool) -> bool:
+    """Whether the store already holds every result of this very spec, so that a rerun has
+    nothing to hand to a cluster (and need not start or reach one)."""
+    store = RunStore(spec.output)
+    if overwrite or not store.exists() or store.root_attrs().get("spec_sha256") != spec.sha256:
+        return False
+    status = store.status()
+    return all(status.get(unit, {}).get("status") == "done" for unit in _units(plan))
 
 
 @dataclass

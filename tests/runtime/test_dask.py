@@ -89,6 +89,13 @@ def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tiny_spec, cl
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_a_finished_store_needs_no_cluster_to_rerun(tiny_spec, cli, tmp_path):
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    # nothing is left to do, so the (unreachable) scheduler is never contacted
+    code, out, err = cli("run", tiny_spec, "-q", "--executor", "dask", "--scheduler", "tcp://127.0.0.1:9")
+    assert code == 0 and "0 cell results written, 6 kept from an earlier run" in out, err
+
+
 def test_workers_lacking_a_probe_are_named(write_spec, tmp_path):
     registry = collect_registry_with(plugin_with(Flaky))  # only this process knows 'flaky'
     spec = load_spec(write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: flaky, probe: flaky}")),
