@@ -14,6 +14,7 @@ value.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -48,10 +49,16 @@ def producer(name: str) -> Callable:
         raise KeyError(f"unknown artifact {name!r}; known artifacts: {known}") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(function) -> inspect.Signature:
+    # asked for every artifact request of every cell (12,000 in a 2,000-point plan)
+    return inspect.signature(function)
+
+
 def arguments(name: str, kwargs: dict) -> dict:
     """The arguments of a request with the producer's defaults filled in, so leaving an
     argument out and passing its default value name the same computation."""
-    bound = inspect.signature(producer(name)).bind_partial(None, **kwargs)
+    bound = _signature(producer(name)).bind_partial(None, **kwargs)
     bound.apply_defaults()
     return dict(list(bound.arguments.items())[1:])  # without the context
 
