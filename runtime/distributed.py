@@ -88,6 +88,10 @@ def _needs(spec, plan) -> dict[str, set]:
     return needs
 
 
+# The spec, registry, plan and workshops of the last spec this worker ran tasks of.
+_PREPARED: dict[tuple, tuple] = {}
+
+
 def run_points_task(spec_text: str, spec_path: str | None, output: str, point_keys: list[str], device: str,
                     threads: int, batch_cells: bool = False) -> tuple[int, list[str], list[str]]:
     """On a worker: run every unfinished cell of some sweep points (batched probes once over
@@ -100,11 +104,16 @@ def run_points_task(spec_text: str, spec_path: str | None, output: str, point_ke
     from basinprobe.runtime.spec import load_spec
 
     torch.set_num_threads(threads)
-    spec = load_spec(spec_path, text=spec_text, output=output)
-    registry = load_registry()
-    plan = compile_plan(spec, registry)
-    wanted = set(point_keys)
-    points = [p for p in plan.points if p.key in wanted]
+    key = (spec_text, spec_path, output)
+    if key not in _PREPARED:
+        # Kept for the tasks that follow on this worker: a sweep is one task per point, and
+        # loading and compiling the whole spec in every task made a long sweep quadratic.
+        _PREPARED.clear()
+        registry = load_registry()
+        spec = load_spec(spec_path, text=spec_text, output=output, registry=registry)
+        _PREPARED[key] = (spec, registry, {p.key: p for p in compile_plan(spec, registry).points}, {})
+    spec, registry, points_by_key, shops = _PREPARED[key]
+    points = [points_by_key[k] for k in point_keys if k in points_by_key]
     torch_device = resolve_device(device)
     if torch_device.type == "cuda" and torch_device.index is None and torch.cuda.device_count() > 1:
         # Without dask-cuda every worker sees every GPU: pin one per worker.
@@ -115,15 +124,17 @@ def run_points_task(spec_text: str, spec_path: str | None, output: str, point_ke
         torch_device = torch.device("cuda", slot % torch.cuda.device_count())
     if not sees_store(output, spec.sha256):  # its cells would be written where nobody reads them
         raise _unseen_store(output, "this worker")
-    shop = Workshop(spec, registry, torch_device, resolve_dtype(spec.dtype))
+    if torch_device not in shops:
+        shops[torch_device] = Workshop(spec, registry, torch_device, resolve_dtype(spec.dtype))
+    shop = shops[torch_device]   # it keeps the data sets it has built
     store = RunStore(spec.output)
     report = RunReport(str(spec.output))
     with warnings.catch_warnings():
         # returned to the coordinator, which prints them with the cells (a spawned worker does
         # not inherit the coordinator's filter)
         warnings.simplefilter("ignore", ProbeWarning)
-        run_points(points, spec, shop, store, store.status(), Reporter(quiet=True), report, {},
-                   batch_cells=batch_cells)
+        status = store.status([cell.key for point in points for cell in point.cells])
+        run_points(points, spec, shop, store, status, Reporter(quiet=True), report, {}, batch_cells=batch_cells)
     return report.done, report.failures, report.warnings
 
 

@@ -134,12 +134,14 @@ class RunStore:
         })
 
     # --- staging -------------------------------------------------------------------------------
-    def _staged_status(self) -> dict[tuple[str, str], dict]:
+    def _staged_status(self, cells: list[str] | None = None) -> dict[tuple[str, str], dict]:
         status = {}
         base = self.path / STAGING_CELLS
         if not base.is_dir():
             return status
-        for meta in base.glob(f"*/*/{STAGE_META}"):
+        found = base.glob(f"*/*/{STAGE_META}") if cells is None else (
+            meta for cell in cells for meta in (base / cell).glob(f"*/{STAGE_META}"))
+        for meta in found:
             record = json.loads(meta.read_text())
             status[(meta.parent.parent.name, meta.parent.name)] = {
                 "status": record["status"], "error": record.get("error"), "coords": record["coords"],
@@ -147,14 +149,18 @@ class RunStore:
             }
         return status
 
-    def status(self) -> dict[tuple[str, str], dict]:
-        """Every (cell, entry) that finished or failed: staged ones first, then assembled ones."""
+    def status(self, cells: list[str] | None = None) -> dict[tuple[str, str], dict]:
+        """Every (cell, entry) that finished or failed, staged ones over assembled ones; with
+        ``cells``, those cells' only (a dask task asks for its points' cells: reading every
+        staged cell in each of a sweep's thousands of tasks was quadratic)."""
         recorded = {}
         if (self.path / STATUS / "zarr.json").is_file():
+            wanted = None if cells is None else set(cells)
             for key, value in self.root("r")[STATUS].attrs.get("cells", {}).items():
                 cell, entry = key.split("/", 1)
-                recorded[(cell, entry)] = {**value, "staged": False}
-        recorded.update(self._staged_status())
+                if wanted is None or cell in wanted:
+                    recorded[(cell, entry)] = {**value, "staged": False}
+        recorded.update(self._staged_status(cells))
         return recorded
 
     def write_cell(self, cell_key: str, entry: str, coords: dict, result: xr.Dataset | None,

@@ -96,6 +96,26 @@ def test_a_finished_store_needs_no_cluster_to_rerun(tiny_spec, cli, tmp_path):
     assert code == 0 and "0 cell results written, 6 kept from an earlier run" in out, err
 
 
+def test_a_worker_compiles_the_spec_once_for_all_its_tasks(tiny_spec, monkeypatch):
+    """A sweep is one task per point; each task used to load and compile the whole spec."""
+    from basinprobe.runtime import distributed as executor
+    from basinprobe.runtime import plan as plan_module
+    from basinprobe.runtime.store import RunStore
+
+    monkeypatch.setattr(executor, "_PREPARED", {})
+    compiled = []
+    compile_plan = plan_module.compile_plan
+    monkeypatch.setattr(plan_module, "compile_plan", lambda *a, **k: compiled.append(1) or compile_plan(*a, **k))
+    spec = load_spec(tiny_spec)
+    RunStore(spec.output).open_for(spec, "cpu", spec.dtype, False)
+    keys = [point.key for point in compile_plan(spec).points]
+    args = (spec.text, str(tiny_spec), str(spec.output))
+    assert executor.run_points_task(*args, keys[:1], "cpu", 1)[0] == 3
+    assert executor.run_points_task(*args, keys[1:], "cpu", 1)[0] == 3
+    assert executor.run_points_task(*args, keys, "cpu", 1)[0] == 0   # all done: nothing runs again
+    assert len(compiled) == 1
+
+
 def test_workers_lacking_a_probe_are_named(write_spec, tmp_path):
     registry = collect_registry_with(plugin_with(Flaky))  # only this process knows 'flaky'
     spec = load_spec(write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: flaky, probe: flaky}")),
