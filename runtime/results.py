@@ -46,6 +46,10 @@ def select(tree: xr.DataTree, target: str, sel: list[str]) -> xr.DataArray | xr.
         groups = ", ".join(k for k in tree.children if not k.startswith("_")) or "none"
         raise ResultsError(f"no group {group!r} in the store (groups: {groups})")
     ds = tree[group].to_dataset()
+    failed = tree[group].attrs.get("failed") or []
+    if not ds.data_vars and failed:
+        raise ResultsError(f"group {group!r} holds no results: its {len(failed)} cell(s) failed, e.g. {failed[0]} "
+                           f"(`basinprobe query STORE` lists them all)")
     obj = ds
     if var:
         if var not in ds.variables:

@@ -241,8 +241,8 @@ class RunStore:
                 continue   # nothing new for this entry since its group was assembled
             # the group as assembled before, read once (a finished sweep of 2,000 cells took 50 s
             # to rerun when each of its cells opened the group again)
-            previous = _open(self.path, entry.name).load() if assembled.is_file() else None
-            pieces, failed, warns, probe_attrs = [], [], [], []
+            previous, carried = _without_gap_notes(_open(self.path, entry.name).load() if assembled.is_file() else None)
+            pieces, failed, warns, probe_attrs, failed_coords = [], [], [], [], []
             for (cell, name), record in sorted(status.items()):
                 if name != entry.name:
                     continue
@@ -250,6 +250,7 @@ class RunStore:
                 warns += [f"{label}: {w}" for w in record.get("warnings", [])]
                 if record["status"] != "done":
                     failed.append(f"{label}: {record.get('error')}")
+                    failed_coords.append(record["coords"])
                     continue
                 if record["staged"]:
                     ds, attrs = self.read_staged_cell(cell, name)
@@ -259,7 +260,7 @@ class RunStore:
                     if ds is None:
                         continue
                 pieces.append((ds, record["coords"]))
-            group = _combine(pieces, dims, order)
+            group = _explain_gaps(_combine(pieces, dims, order, failed_coords), pieces, failed_coords, carried)
             meta = entries_meta[entry.name]
             group.attrs = {
                 "probe": entry.probe, "params": _jsonable(entry.params), "plugin": meta["plugin"],
@@ -336,6 +337,60 @@ def _assembled_cell(group: xr.Dataset | None, coords: dict) -> xr.Dataset | None
         return None
 
 
+# Why a variable of an assembled group holds NaN that no cell stored: said in its ``nan_means``
+# after the probe's own reasons, because NaN must never go unexplained.
+FAILED_CELL = "the cell failed (the group's `failed` attr says why)"
+NOT_STORED = "the cell did not store this variable"
+PADDED = "padding: other cells have more entries along this variable's own dims (e.g. a sweep over widths)"
+GAP_NOTES = (FAILED_CELL, NOT_STORED, PADDED)
+OR = "; or "
+
+
+def _explain_gaps(group: xr.Dataset, cells: list[tuple[xr.Dataset, dict]], failed: list[dict],
+                  carried: dict[str, set]) -> xr.Dataset:
+    """Add to each variable's ``nan_means`` why it holds NaN beyond what its cells stored: a
+    failed cell, a cell without the variable, or padding; ``carried``: the reasons a group
+    assembled before gave (its cells keep their padding when they are read back)."""
+    for name in group.data_vars:
+        var = group.variables[name]
+        if var.dtype.kind not in "fc":
+            continue
+        stored = [ds.variables[name] for ds, _ in cells if name in ds.data_vars]
+        reasons = set(carried.get(name, ()))
+        if int(var.isnull().sum()) > sum(int(v.isnull().sum()) for v in stored):
+            if failed:
+                reasons.add(FAILED_CELL)
+            if len(stored) < len(cells):
+                reasons.add(NOT_STORED)
+            if len({v.shape for v in stored}) > 1 or not reasons:
+                reasons.add(PADDED)
+        if reasons:
+            own = [var.attrs["nan_means"]] if var.attrs.get("nan_means") else []
+            var.attrs["nan_means"] = OR.join(own + [note for note in GAP_NOTES if note in reasons])
+    return group
+
+
+def _without_gap_notes(group: xr.Dataset | None) -> tuple[xr.Dataset | None, dict[str, set]]:
+    """A group assembled before, with the notes :func:`_explain_gaps` added taken out of its
+    ``nan_means`` (so that its cells compare equal to fresh ones), and which notes each had."""
+    carried = {}
+    if group is None:
+        return None, carried
+    for name in group.data_vars:
+        var = group.variables[name]
+        parts = var.attrs.get("nan_means", "").split(OR) if var.attrs.get("nan_means") else []
+        notes = {part for part in parts if part in GAP_NOTES}
+        if not notes:
+            continue
+        carried[name] = notes - {FAILED_CELL}   # a failed cell is not read back: it is retried or failed again
+        own = [part for part in parts if part not in GAP_NOTES]
+        if own:
+            var.attrs["nan_means"] = OR.join(own)
+        else:
+            del var.attrs["nan_means"]
+    return group, carried
+
+
 def cell_label(coords: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in coords.items())
 
@@ -399,12 +454,15 @@ def _with_cell_coords(ds: xr.Dataset, coords: dict, dims: list[str]) -> xr.Datas
     return ds.expand_dims(expand)
 
 
-def _combine(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict) -> xr.Dataset:
+def _combine(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict,
+             failed: list[dict] = ()) -> xr.Dataset:
     """One Dataset of the cells' results (each with the coordinates of its cell), labelled along
-    ``dims``: sweep dims in ``order``, checkpoints ascending, NaN where a cell is missing."""
+    ``dims``: sweep dims in ``order``, checkpoints ascending, NaN where a cell is missing. The
+    coordinates of ``failed`` cells keep their place (as NaN), so that a group whose every cell
+    at some coordinate failed keeps the shape of its neighbours."""
     if not cells:
         return xr.Dataset()
-    aligned = _combine_alike(cells, dims, order)
+    aligned = _combine_alike(cells, dims, order, failed)
     if aligned is not None:
         return aligned
     # Dims without coordinates get integer positions, so that cells whose probe dims differ in
@@ -416,17 +474,18 @@ def _combine(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict)
         combined = xr.merge(pieces, join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")
     finally:
         ctx.__exit__(None, None, None)
-    for dim, values in order.items():
-        if dim in combined.dims:
-            present = [v for v in values if v in set(combined[dim].values.tolist())]
-            combined = combined.reindex({dim: present})
-    if "checkpoint" in combined.dims:
+    for dim in [d for d in dims if d in combined.dims]:
+        seen = set(combined[dim].values.tolist()) | {coords[dim] for coords in failed if dim in coords}
+        labels = [v for v in order[dim] if v in seen] if dim in order else sorted(seen)
+        combined = combined.reindex({dim: labels})
+    if "checkpoint" in combined.dims:   # also a probe dim (of _checkpoints), which merge may leave unsorted
         combined = combined.sortby("checkpoint")
     lead = [d for d in dims if d in combined.dims]
     return combined.transpose(*lead, ...)
 
 
-def _combine_alike(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict) -> xr.Dataset | None:
+def _combine_alike(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict,
+                   failed: list[dict] = ()) -> xr.Dataset | None:
     """:func:`_combine`'s result, built by writing each cell's arrays into place, when every cell
     has the same variables with the same dims, shapes, dtypes and attrs and the same probe
     coordinates (the usual case); None otherwise, for ``xr.merge`` to align them. Aligning costs
@@ -451,7 +510,7 @@ def _combine_alike(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order:
             return None
     labels = {}
     for dim in cell_dims:
-        seen = {coords[dim] for _, coords in cells}
+        seen = {coords[dim] for _, coords in cells} | {coords[dim] for coords in failed if dim in coords}
         labels[dim] = [v for v in order[dim] if v in seen] if dim in order else sorted(seen)
     position = {dim: {label: i for i, label in enumerate(values)} for dim, values in labels.items()}
     placed = [(tuple(position[d].get(coords[d]) for d in cell_dims), ds) for ds, coords in cells]

@@ -43,15 +43,15 @@ def stores(write_spec, tmp_path, monkeypatch, text):
     alike = []
     combine_alike = store_module._combine_alike
 
-    def recording(cells, dims, order):
-        result = combine_alike(cells, dims, order)
+    def recording(cells, dims, order, failed=()):
+        result = combine_alike(cells, dims, order, failed)
         alike.append(result is not None)
         return result
 
     monkeypatch.setattr(store_module, "_combine_alike", recording)
     run_spec(load_spec(write_spec(text), registry=registry), registry=registry)
     fast = open_results(tmp_path / "out.zarr")
-    monkeypatch.setattr(store_module, "_combine_alike", lambda cells, dims, order: None)
+    monkeypatch.setattr(store_module, "_combine_alike", lambda cells, dims, order, failed=(): None)
     run_spec(load_spec(write_spec(text.replace("out.zarr", "merged.zarr")), registry=registry), registry=registry)
     return fast, open_results(tmp_path / "merged.zarr"), alike
 
@@ -68,6 +68,10 @@ def test_cells_written_into_place_equal_the_merged_ones(write_spec, tmp_path, mo
     assert loss.dims[:4] == ("seed", "activation", "hidden", "checkpoint")
     assert loss["activation"].values.tolist() == ["tanh", "relu"] and loss["hidden"].values.tolist() == ["[4]", "[5]"]
     assert np.isnan(fast["flaky"]["value"].sel(seed=1, checkpoint=10)).all()
+    # NaN that no cell stored says why: a failed cell, or padding of the smaller width
+    assert fast["flaky"]["value"].attrs["nan_means"] == store_module.FAILED_CELL
+    assert fast["jac"]["singular_values"].attrs["nan_means"] == store_module.PADDED
+    assert "nan_means" not in fast["hess"]["top_eigenvalues"].attrs
 
 
 @pytest.mark.parametrize("width", [[4], [5]])
@@ -112,3 +116,46 @@ def test_a_rerun_merges_retried_cells_into_the_assembled_groups_and_leaves_finis
         xr.testing.assert_identical(resumed[name].to_dataset(), fresh[name].to_dataset())
     assert resumed["some"]["value"].sel(seed=1, checkpoint=10).values.tolist() == [110.0, 111.0, 112.0]
     assert run_spec(spec, registry=registry).done == 0
+
+
+class FailsOnSeedOne(Probe):
+    """Fails on every cell of seed 1, and stores a NaN it explains on the others."""
+    name = "fails_on_seed_one"
+    schema = {"type": "object", "properties": {}, "additionalProperties": False}
+
+    def run(self, ctx, params):
+        if ctx.cell["seed"] == 1:
+            raise ProbeError("cannot measure seed 1")
+        return xr.Dataset({"value": ("k", [float(ctx.checkpoint), np.nan], {"nan_means": "no second value"}),
+                           "count": ((), ctx.checkpoint)})
+
+
+def test_a_coordinate_whose_every_cell_failed_keeps_its_place_and_says_why(write_spec, tmp_path):
+    registry = collect_registry_with(plugin_with(FailsOnSeedOne))
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: half, probe: fails_on_seed_one}")
+    assert len(run_spec(load_spec(write_spec(text), registry=registry), registry=registry).failures) == 3
+    tree = open_results(tmp_path / "out.zarr")
+    half = tree["half"].to_dataset()
+    # the group has the shape of its neighbours, so that arithmetic across groups does not drop seed 1
+    assert half["seed"].values.tolist() == tree["eval"]["seed"].values.tolist() == [0, 1]
+    assert half["checkpoint"].values.tolist() == [0, 10, 20]
+    np.testing.assert_array_equal(half["value"].sel(seed=0), [[0.0, np.nan], [10.0, np.nan], [20.0, np.nan]])
+    assert np.isnan(half["value"].sel(seed=1)).all() and np.isnan(half["count"].sel(seed=1)).all()
+    assert half["count"].sel(seed=0).values.tolist() == [0, 10, 20]
+    for name in ("value", "count"):
+        own = ["no second value"] if name == "value" else []
+        assert half[name].attrs["nan_means"].split(store_module.OR) == own + [store_module.FAILED_CELL]
+    assert len(half.attrs["failed"]) == 3
+    assert store_module.FAILED_CELL not in tree["eval"]["loss"].attrs.get("nan_means", "")
+
+
+def test_querying_a_group_whose_every_cell_failed_says_so(write_spec, tmp_path, cli):
+    registry = collect_registry_with(plugin_with(FailsOnSeedOne))
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: half, probe: fails_on_seed_one}")
+    spec = load_spec(write_spec(text.replace("seed: [0, 1]", "seed: [1]")), registry=registry)
+    assert len(run_spec(spec, registry=registry).failures) == 3
+    code, out, err = cli("query", str(tmp_path / "out.zarr"), "half")
+    assert code == 2 and "group 'half' holds no results: its 3 cell(s) failed, e.g. seed=1,checkpoint=0: " \
+                          "cannot measure seed 1" in err
+    code, out, _ = cli("query", str(tmp_path / "out.zarr"))
+    assert code == 0 and out.count("FAILED seed=1") == 3
