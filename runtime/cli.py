@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "dask"], help="default: the spec's execution.executor, else local")
     p.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:8786)")
     p.add_argument("--workers", type=int, help="workers of the local dask cluster")
-    p.add_argument("--overwrite", action="store_true", help="replace a store written by a different spec")
+    p.add_argument("--overwrite", action="store_true", help="replace a store written by a different spec or other code versions")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("query", help="show the store's tree, or a variable's values")

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from importlib.metadata import version as _version
 from pathlib import Path
 
 import torch
 
 from basinprobe.registry import load_registry
+from basinprobe.runtime.plan import code_versions, components_of
 from basinprobe.runtime.store import RunStore, cell_label
 
 
@@ -35,22 +35,16 @@ def _import_distributed():
     return distributed
 
 
-def _versions() -> dict[str, str]:
-    """What the store's provenance records (torch without its build tag: a CPU coordinator may
-    drive CUDA workers); every worker must run the coordinator's versions."""
-    return {"basinprobe": _version("basinprobe"), "torch": torch.__version__.split("+")[0]}
-
-
 def worker_inventory() -> dict:
     """What a worker can run (called on every worker before any task is sent)."""
     try:
         registry = load_registry(refresh=True)
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator as text
         return {"error": f"basinprobe cannot load its plugins: {type(exc).__name__}: {exc}"}
+    provided = {kind: set(getattr(registry, kind)) for kind in ("probes", "models", "datasets", "losses")}
     return {
-        "probes": sorted(registry.probes), "models": sorted(registry.models),
-        "datasets": sorted(registry.datasets), "losses": sorted(registry.losses),
-        "gpus": torch.cuda.device_count(), "versions": _versions(),
+        **{kind: sorted(names) for kind, names in provided.items()},
+        "gpus": torch.cuda.device_count(), "versions": code_versions(registry, provided),
     }
 
 
@@ -76,16 +70,6 @@ def _unseen_store(output: str, where: str) -> ExecutorError:
     return ExecutorError(f"{where} cannot see the store {output} that the coordinator created; workers write "
                          "their cells into it, so they need the coordinator's filesystem at the same path "
                          "(a shared disk)")
-
-
-def _needs(spec, plan) -> dict[str, set]:
-    needs = {"probes": {e.probe for e in spec.probes}, "models": set(), "datasets": set(), "losses": set()}
-    for point in plan.points:
-        if point.config.model.kind:
-            needs["models"].add(point.config.model.kind)
-        needs["datasets"].add(point.config.data.kind)
-        needs["losses"].add(point.config.loss)
-    return needs
 
 
 # The spec, registry, plan and workshops of the last spec this worker ran tasks of.
@@ -215,13 +199,13 @@ class DaskCells:
                                 f"{exc}; check the address, or leave out --scheduler to start a local cluster") from None
         self = cls(client, cluster, spec, device, threads)
         try:
-            self._check_workers(plan)
+            self._check_workers(plan, registry)
         except Exception:
             self.close()
             raise
         return self
 
-    def _check_workers(self, plan) -> None:
+    def _check_workers(self, plan, registry) -> None:
         try:
             inventories = self.client.run(worker_inventory)
         except Exception as exc:  # noqa: BLE001 - a worker could not even unpickle the question
@@ -232,7 +216,8 @@ class DaskCells:
         if not inventories:
             raise ExecutorError("the dask cluster has no workers")
         self.workers = len(inventories)
-        needs, versions = _needs(self.spec, plan), _versions()
+        needs = components_of(plan)
+        versions = code_versions(registry, needs)
         gpus_needed = (torch.device(self.device).index or 0) + 1 if self.device.startswith("cuda") else 0
         problems = []
         for worker, inventory in sorted(inventories.items()):
@@ -242,8 +227,9 @@ class DaskCells:
             if inventory["gpus"] < gpus_needed:
                 problems.append(f"worker {worker} has {inventory['gpus']} GPUs, but the spec asks for device "
                                 f"{self.device!r} (use 'auto' to run on the GPUs where there are some)")
-            for package, theirs in inventory["versions"].items():
-                if theirs != versions[package]:
+            for package, ours in versions.items():
+                theirs = inventory["versions"].get(package, ours)   # one it lacks is reported below
+                if theirs != ours:
                     problems.append(f"worker {worker} runs {package} {theirs}, the coordinator {versions[package]} "
                                     "(install the same version on every worker)")
             for kind, wanted in needs.items():

@@ -15,7 +15,7 @@ from basinprobe.registry import ProbeError, Registry, load_registry
 from basinprobe.runtime.build import (BuildError, build_data, build_model, flat_parameters, load_checkpoint,
                                       resolve_device, resolve_dtype)
 from basinprobe.runtime.context import CellContext, GroupContext, Member, derive_seed
-from basinprobe.runtime.plan import GroupPlan, Plan, PointPlan, compile_plan
+from basinprobe.runtime.plan import GroupPlan, Plan, PointPlan, code_versions, compile_plan, components_of
 from basinprobe.runtime.progress import Reporter
 from basinprobe.runtime.spec import RESERVED_DIMS, Problem, Spec, SpecError
 from basinprobe.runtime.store import RunStore, cell_label
@@ -162,6 +162,7 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     dtype = resolve_dtype(spec.dtype)
     shop = Workshop(spec, registry, torch_device, dtype)
     shop.preflight(plan)
+    versions = code_versions(registry, components_of(plan))
     cluster = None
     if on_dask and not _all_done(spec, plan, overwrite):
         from basinprobe.runtime.distributed import DaskCells
@@ -171,7 +172,7 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
 
     store = RunStore(spec.output)
     try:
-        store.open_for(spec, recorded, spec.dtype, overwrite)
+        store.open_for(spec, recorded, spec.dtype, overwrite, versions)
         if cluster is not None:
             cluster.check_store()
     except Exception:
@@ -180,7 +181,8 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
         raise
     status = store.status()
     report = RunReport(str(spec.output))
-    entries_meta = {e.name: {"plugin": registry.probes[e.probe].plugin} for e in spec.probes}
+    entries_meta = {e.name: {"plugin": registry.probes[e.probe].plugin,
+                             "plugin_version": versions.get(registry.probes[e.probe].plugin)} for e in spec.probes}
     point_layouts = {p.key: {"coords": p.coords} for p in plan.points}
     units = _units(plan)
     todo = [unit for unit in units if status.get(unit, {}).get("status") != "done"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 
 from basinprobe.registry import ProbeError, Registry, load_registry
 from basinprobe.runtime import artifacts
@@ -59,6 +61,34 @@ class Plan:
     @property
     def cells(self) -> list[CellPlan]:
         return [cell for point in self.points for cell in point.cells]
+
+
+def components_of(plan: Plan) -> dict[str, set[str]]:
+    """The registry's components the plan uses, by kind (``probes``, ``models``, ...)."""
+    used = {"probes": {e.probe for e in plan.spec.probes}, "models": set(), "datasets": set(), "losses": set()}
+    for point in plan.points:
+        if point.config.model.kind:
+            used["models"].add(point.config.model.kind)
+        used["datasets"].add(point.config.data.kind)
+        used["losses"].add(point.config.loss)
+    return used
+
+
+def code_versions(registry: Registry, components: dict[str, set[str]]) -> dict[str, str]:
+    """The versions of what computes the results: basinprobe, torch (without its build tag: a
+    CPU coordinator may drive CUDA workers) and each distribution providing one of
+    ``components``. A store records them, and is resumed only with the same ones, so that no
+    group mixes results of two versions."""
+    versions = {"basinprobe": _installed_version("basinprobe"), "torch": _installed_version("torch").split("+")[0]}
+    for kind, names in sorted(components.items()):
+        table = getattr(registry, kind)
+        for dist in sorted({table[name].plugin for name in names if name in table}):
+            if dist not in versions:
+                try:
+                    versions[dist] = _installed_version(dist)
+                except PackageNotFoundError:
+                    pass   # a plugin registered in this process (a test's), not an installed distribution
+    return versions
 
 
 def _data_node(config: PointConfig) -> str:

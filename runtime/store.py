@@ -3,10 +3,10 @@
 Layout (see DESIGN.md):
 
 - root attrs: ``basinprobe_version``, ``spec``, ``spec_sha256``, ``created``,
-  ``torch_version``, ``device``, ``dtype``, ``cell_dims``.
+  ``torch_version``, ``device``, ``dtype``, ``cell_dims``, ``code_versions``.
 - ``<entry>``: one group per probe entry; every variable's leading dims are
   the cell dims (sweep axes, then ``checkpoint``); attrs ``probe``,
-  ``params``, ``plugin``, ``warnings``, ``failed``.
+  ``params``, ``plugin``, ``plugin_version``, ``warnings``, ``failed``.
 - ``_checkpoints``: ``params(<sweep dims>, checkpoint, param)``, the flat
   parameters of every checkpoint.
 - ``_status``: attrs recording every (cell, entry) that finished or failed.
@@ -99,13 +99,24 @@ class RunStore:
     def root_attrs(self) -> dict:
         return dict(self.root("r").attrs) if self.exists() else {}
 
-    def open_for(self, spec, device: str, dtype: str, overwrite: bool) -> None:
-        """Create the store for ``spec``, or check that an existing one was made by the same spec."""
+    def open_for(self, spec, device: str, dtype: str, overwrite: bool, versions: dict[str, str] | None = None) -> None:
+        """Create the store for ``spec``, or check that an existing one was made by the same spec
+        and the same ``versions`` of the code (see :func:`plan.code_versions`)."""
         if self.path.exists() and not self.path.is_dir():
             raise StoreMismatch(f"output {self.path} is an existing file, not a Zarr store")
+        versions = versions or {}
         if self.exists():
             attrs = self.root_attrs()
             if attrs.get("spec_sha256") == spec.sha256 and not overwrite:
+                changed = {name: (before, versions[name]) for name, before in attrs.get("code_versions", {}).items()
+                           if name in versions and versions[name] != before}
+                if changed:
+                    listed = ", ".join(f"{name} {before} (installed: {now})" for name, (before, now) in changed.items())
+                    pins = " ".join(f"{name}=={before}" for name, (before, _) in changed.items())
+                    raise StoreMismatch(
+                        f"{self.path} holds results computed with {listed}; resuming would mix two versions' "
+                        f"results in one store. Pass --overwrite to recompute it all with the installed versions, "
+                        f"choose another output, or install {pins} to resume")
                 self._recover_swaps()
                 return
             if not overwrite:
@@ -131,6 +142,7 @@ class RunStore:
             "device": device,
             "dtype": dtype,
             "cell_dims": spec.cell_dims,
+            "code_versions": dict(versions),
         })
 
     # --- staging -------------------------------------------------------------------------------
@@ -264,6 +276,7 @@ class RunStore:
             meta = entries_meta[entry.name]
             group.attrs = {
                 "probe": entry.probe, "params": _jsonable(entry.params), "plugin": meta["plugin"],
+                "plugin_version": meta.get("plugin_version"),
                 "at": entry.at if isinstance(entry.at, str) else list(entry.at),
                 "warnings": warns, "failed": failed, **_merge_attrs(probe_attrs, meta.get("attrs", {})),
             }

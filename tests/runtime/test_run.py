@@ -1,5 +1,6 @@
 """End to end: spec -> run -> store -> query, resume, failures."""
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import torch
 import xarray as xr
 import zarr
 
-from basinprobe.registry import Probe, ProbeError, collect_registry_with, hookimpl
+from basinprobe.registry import Probe, ProbeError, collect_registry_with, hookimpl, load_registry
 from basinprobe.runtime import open_results
 from basinprobe.runtime.execute import run_spec
 from basinprobe.runtime.spec import load_spec
@@ -137,6 +138,24 @@ def test_a_different_spec_is_refused_unless_overwrite(tiny_spec, write_spec, cli
     assert open_results(tmp_path / "out.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 10, 20]
     assert cli("run", other, "-q", "--overwrite")[0] == 0
     assert open_results(tmp_path / "out.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 30]
+
+
+def test_a_store_resumes_only_with_the_code_versions_that_computed_it(tiny_spec, cli, tmp_path, monkeypatch):
+    from basinprobe.runtime import execute, plan
+
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    tree = open_results(tmp_path / "out.zarr")
+    assert tree.attrs["code_versions"]["basinprobe"] == tree["eval"].attrs["plugin_version"] == \
+        importlib.metadata.version("basinprobe")
+    written = {f: f.read_bytes() for f in (tmp_path / "out.zarr").rglob("*") if f.is_file()}
+    upgraded = {**plan.code_versions(load_registry(), {}), "basinprobe": "99.0"}
+    monkeypatch.setattr(execute, "code_versions", lambda registry, components: upgraded)
+    code, out, err = cli("run", tiny_spec, "-q")
+    assert code == 2 and f"computed with basinprobe {importlib.metadata.version('basinprobe')} (installed: 99.0)" in err
+    assert "--overwrite" in err
+    assert {f: f.read_bytes() for f in (tmp_path / "out.zarr").rglob("*") if f.is_file()} == written
+    assert cli("run", tiny_spec, "-q", "--overwrite")[0] == 0
+    assert open_results(tmp_path / "out.zarr").attrs["code_versions"]["basinprobe"] == "99.0"
 
 
 def plugin_with(*probes):
