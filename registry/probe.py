@@ -21,8 +21,10 @@ class Probe:
         :meth:`run` and stored in the group's ``params`` attribute.
     ``requires``
         names of shared artifacts (``"hessian.eigen"``, ...) the probe asks
-        the context for; they appear in ``basinprobe plan`` and are computed
-        once per cell however many probes request them with equal arguments.
+        the context for; they appear in ``basinprobe plan`` (with the
+        producer's default arguments: override :meth:`artifact_requests` when
+        ``run`` passes others) and are computed once per cell however many
+        probes request them with equal arguments.
     ``scope``
         ``"cell"`` (default): :meth:`run` is called per cell with a cell context.
         ``"group"``: the probe compares cells (e.g. two models trained from

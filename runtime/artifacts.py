@@ -58,7 +58,13 @@ def _signature(function) -> inspect.Signature:
 def arguments(name: str, kwargs: dict) -> dict:
     """The arguments of a request with the producer's defaults filled in, so leaving an
     argument out and passing its default value name the same computation."""
-    bound = _signature(producer(name)).bind_partial(None, **kwargs)
+    signature = _signature(producer(name))
+    unknown = [key for key in kwargs if key not in signature.parameters or key == "ctx"]
+    if unknown:
+        takes = ", ".join(f"{p.name}={p.default!r}" for p in list(signature.parameters.values())[1:])
+        raise TypeError(f"artifact {name!r} has no argument {', '.join(map(repr, unknown))}; "
+                        f"it takes (with defaults) {takes}")
+    bound = signature.bind_partial(None, **kwargs)
     bound.apply_defaults()
     return dict(list(bound.arguments.items())[1:])  # without the context
 

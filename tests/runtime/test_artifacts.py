@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from basinprobe.runtime.artifacts import artifact, cache_key
@@ -25,6 +26,14 @@ def test_leaving_out_an_argument_and_passing_its_default_share_one_computation()
     assert ctx.artifact("test.counted", k=4) is not first
     assert CALLS == [(3, "top"), (4, "top")]
     assert cache_key("test.counted", {}) == cache_key("test.counted", {"which": "top"})
+
+
+def test_a_misspelled_argument_names_the_artifact_and_what_it_takes():
+    with pytest.raises(TypeError, match=r"artifact 'test.counted' has no argument 'kk'; "
+                                        r"it takes \(with defaults\) k=3, which='top'$"):
+        cache_key("test.counted", {"kk": 2})
+    with pytest.raises(KeyError, match=r"unknown artifact 'test.countd'; known artifacts: .*'?test.counted"):
+        cache_key("test.countd", {})
 
 
 @artifact("test.at_checkpoint", run_shared=True)
