@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,12 +128,26 @@ def check_result(result, entry_name: str, forbidden_dims: list[str]) -> xr.Datas
     return result
 
 
-def _describe_failure(exc: BaseException) -> str:
+def _library_folders() -> tuple[str, ...]:
+    import numpy
+    import scipy
+
+    return tuple(str(Path(module.__file__).parent) + os.sep for module in (torch, numpy, scipy, xr))
+
+
+def _describe_failure(exc: BaseException) -> tuple[str, str | None]:
+    """The failure's message, naming where it happened: the innermost frame outside torch,
+    numpy, scipy and xarray (the probe's or model's own line), and the innermost one too when
+    that is inside them; and the traceback (None for a ProbeError, which says what to change)."""
     if isinstance(exc, ProbeError):
-        return str(exc)
+        return str(exc), None
     frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    libraries = _library_folders()
+    own = [frame for frame in frames if not frame.filename.startswith(libraries)]
+    places = [frame for frame in (own[-1] if own else None, frames[-1] if frames else None) if frame is not None]
+    where = ", in ".join(dict.fromkeys(f"{frame.filename}:{frame.lineno}" for frame in places))
+    message = f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
+    return message, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-30))
 
 
 def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
@@ -273,13 +289,14 @@ def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store,
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one failing probe must not stop the other cells
-        result, error = None, _describe_failure(exc)
-    _record(entry, key, coords, result, error, ctx.warnings, time.perf_counter() - started, store, reporter, report)
+        result, (error, trace) = None, _describe_failure(exc)
+    _record(entry, key, coords, result, error, ctx.warnings, time.perf_counter() - started, store, reporter, report,
+            trace if error else None)
 
 
-def _record(entry, key, coords, result, error, warnings_, seconds, store, reporter, report) -> None:
+def _record(entry, key, coords, result, error, warnings_, seconds, store, reporter, report, trace=None) -> None:
     label = f"{cell_label(coords)} {entry.name}".strip()
-    store.write_cell(key, entry.name, coords, result, error, warnings_)
+    store.write_cell(key, entry.name, coords, result, error, warnings_, trace)
     report.warnings.extend(f"{label}: {w}" for w in warnings_)
     if error:
         report.failures.append(f"{label}: {error}")

@@ -158,6 +158,7 @@ class RunStore:
             status[(meta.parent.parent.name, meta.parent.name)] = {
                 "status": record["status"], "error": record.get("error"), "coords": record["coords"],
                 "warnings": record.get("warnings", []), "staged": True,
+                **({"traceback": record["traceback"]} if record.get("traceback") else {}),
             }
         return status
 
@@ -176,11 +177,14 @@ class RunStore:
         return recorded
 
     def write_cell(self, cell_key: str, entry: str, coords: dict, result: xr.Dataset | None,
-                   error: str | None, warnings_: list[str]) -> None:
+                   error: str | None, warnings_: list[str], trace: str | None = None) -> None:
+        """Stage a cell's result, or its failure (``error``, and the ``trace`` back to where it
+        was raised, kept in ``_status``)."""
         ds = result if result is not None else xr.Dataset()
         _stage(self.path / STAGING_CELLS / cell_key / entry, ds, {
             "coords": _jsonable(coords), "status": "failed" if error else "done", "error": error,
-            "warnings": list(warnings_), "probe_attrs": _jsonable(ds.attrs)})
+            "warnings": list(warnings_), "probe_attrs": _jsonable(ds.attrs),
+            **({"traceback": trace} if trace else {})})
 
     def read_staged_cell(self, cell_key: str, entry: str) -> tuple[xr.Dataset, dict]:
         ds, record = _read_stage(self.path / STAGING_CELLS / cell_key / entry)

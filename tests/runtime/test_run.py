@@ -200,6 +200,30 @@ def test_a_failing_probe_records_the_cell_and_the_rest_finish(write_spec, tmp_pa
     assert again.skipped == 6 + 4 and len(again.failures) == 2
 
 
+class Misshapen(Probe):
+    """Fails inside torch: a layer fed inputs of the wrong width."""
+    name = "misshapen"
+    schema = {"type": "object", "properties": {}, "additionalProperties": False}
+
+    def run(self, ctx, params):
+        return torch.nn.Linear(2, 3)(torch.zeros(4, 5))   # the line a failure must name
+
+
+def test_a_failure_inside_torch_names_the_probes_line_and_keeps_the_traceback(write_spec, tmp_path):
+    registry = collect_registry_with(plugin_with(Misshapen))
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate}\n  - {name: bad, probe: misshapen}")
+    report = run_spec(load_spec(write_spec(text), registry=registry), registry=registry)
+    line = next(i for i, text in enumerate(open(__file__), 1) if "the line a failure must name" in text)
+    assert len(report.failures) == 6
+    assert all(f"RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x5 and 2x3) (at {__file__}:{line}, in "
+               in failure and "torch/nn/modules/linear.py:" in failure for failure in report.failures)
+    cells = open_results(tmp_path / "out.zarr")["_status"].attrs["cells"]
+    failed = [record for key, record in cells.items() if key.endswith("/bad")]
+    assert len(failed) == 6 and all(r["traceback"].startswith("Traceback") and "in run\n" in r["traceback"]
+                                    for r in failed)
+    assert not any("traceback" in record for key, record in cells.items() if key.endswith("/eval"))
+
+
 def test_probe_warnings_are_printed_once_with_their_cells_and_stored(write_spec, cli, tmp_path, recwarn):
     # an untrained model is not at a minimum: hessian_spectrum warns for each of the two cells
     spec = write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: hessian_spectrum, at: [0], with: {top_k: 3}}"))
