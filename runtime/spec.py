@@ -45,8 +45,11 @@ class SpecError(Exception):
     """The spec is invalid; ``problems`` say where and why."""
 
     def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(map(str, problems)))
+        # in file order, each once (a value can break both a block's schema and a component's)
+        unique = list({str(problem): problem for problem in problems}.values())
+        self.problems = sorted(unique, key=lambda p: (p.mark is not None, p.mark.file if p.mark else "",
+                                                       p.mark.line if p.mark else 0, p.mark.column if p.mark else 0))
+        super().__init__("\n".join(map(str, self.problems)))
 
 
 # --- typed spec ---------------------------------------------------------------------------
@@ -246,8 +249,9 @@ def _translate(error: jsonschema.ValidationError, document, mark_override: Mark 
         return [Problem(mark, path, f"expected {' or '.join(expected)}, got {error.instance!r}")]
     if error.validator == "type":
         expected = error.validator_value
+        got = "nothing (the key has no value)" if error.instance is None else repr(error.instance)
         return [Problem(mark, path, f"expected {expected if isinstance(expected, str) else ' or '.join(expected)}, "
-                                    f"got {error.instance!r}")]
+                                    f"got {got}")]
     if error.validator == "required":
         return [Problem(mark, path, error.message.replace("is a required property", "is required but missing"))]
     if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):

@@ -108,6 +108,16 @@ def test_unknown_with_key_of_a_probe_is_refused(write_spec):
     assert any("unknown key 'splitz'" in p.message and "'splits'" in p.message for p in problems)
 
 
+def test_problems_come_once_each_in_file_order(write_spec):
+    text = GOOD.replace("  - {probe: evaluate}", "  - {probe: hessian_spectrum, with: {top_kk: 3, method: lanczoss}}\n"
+                                               "  - name: e\n    probe: evaluate\n    with:")
+    text = text.replace("steps: 5}", "steps: -5}")
+    _, problems = problems_of(write_spec, text)
+    assert [(p.mark.line, p.mark.column) for p in problems] == sorted((p.mark.line, p.mark.column) for p in problems)
+    assert len({str(p) for p in problems}) == len(problems) == 4
+    assert problems[-1].message == "expected object, got nothing (the key has no value)"
+
+
 def test_missing_data_file(write_spec):
     _, problems = problems_of(write_spec, GOOD.replace("{kind: teacher_student, with: {n: 20, in: 2}}",
                                                       "{kind: npz, with: {path: nothere.npz}}"))
