@@ -124,7 +124,8 @@ def check_result(result, entry_name: str, forbidden_dims: list[str]) -> xr.Datas
         if var.dtype.kind in "fc" and "nan_means" not in var.attrs:
             values = np.asarray(var.values)
             if not np.isfinite(values).all():
-                raise ProbeError(f"variable {name!r} holds NaN or inf; nothing was stored as a number")
+                raise ProbeError(f"variable {name!r} holds NaN or inf; nothing was stored as a number (where NaN "
+                                 f"is a meaningful value, the probe says what it means in a `nan_means` attr)")
     return result
 
 
