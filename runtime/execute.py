@@ -268,6 +268,8 @@ def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) ->
         trajectory = _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype)
         layout = {"names": [n for n, _ in model.named_parameters()],
                   "shapes": [list(p.shape) for _, p in model.named_parameters()]}
+        if point.config.model.checkpoints:   # which file each checkpoint index was loaded from
+            layout["files"] = list(point.config.model.checkpoints)
         store.write_point(point.key, point.coords, trajectory, layout)
     return PointState(model, data.to(device, dtype), loss_fn, trajectory)
 
@@ -426,7 +428,7 @@ def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter
         _fail_all({(group.key, group.entry.name)}, {group.key: group.coords}, store, reporter, report, str(exc))
         return
     ctx = GroupContext(members, group.coords, group.spanned, device=shop.device, dtype=shop.dtype,
-                       seed=derive_seed(spec.sha256, group.key, group.entry.name), progress_factory=reporter.task)
+                       seed=derive_seed(spec.raw.get("seed", 0), group.key, group.entry.name), progress_factory=reporter.task)
     forbidden = [d for d in spec.cell_dims if d not in group.spanned]
     _run_entry(shop.registry.probes[group.entry.probe].obj(), ctx, group.entry, group.key, group.coords, forbidden,
                store, reporter, report)

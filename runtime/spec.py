@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import glob
 import hashlib
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -26,7 +28,10 @@ from basinprobe.runtime.yamlio import Mark, load_yaml, mark_of, plain
 
 # Keywords of xarray's sel/isel: a dim with one of these names is silently misread.
 RESERVED_DIMS = frozenset({"method", "tolerance", "drop", "indexers", "indexers_kwargs", "missing_dims"})
-NOT_SWEEPABLE = ("version", "name", "sweep", "probes", "output", "execution")
+# dtype and device are one per run: the store records one, and a run builds every model in it
+NOT_SWEEPABLE = ("version", "name", "sweep", "probes", "output", "execution", "dtype", "device")
+# what a spec's identity leaves out: how it is run, not what it computes
+NOT_IDENTITY = ("execution", "output")
 
 
 @dataclass(frozen=True)
@@ -136,9 +141,16 @@ class Spec:
     document: dict = field(repr=False, compare=False, default=None)  # the marked YAML, for error locations
     execution: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        """The spec's identity, which its store must match to be resumed: what it computes, not
+        how it is written (comments, layout, key order) or run (``execution:``, ``output:``);
+        with the name and size of each checkpoint file its globs match, so that adding or
+        replacing a file makes it another spec."""
+        content = {key: value for key, value in self.raw.items() if key not in NOT_IDENTITY}
+        files_ = [(str(Path(f).relative_to(self.base_dir)) if Path(f).is_relative_to(self.base_dir) else f,
+                   Path(f).stat().st_size) for f in _checkpoint_files_named(self.raw, self.base_dir)]
+        return hashlib.sha256(json.dumps([content, files_], sort_keys=True).encode()).hexdigest()
 
     @property
     def cell_dims(self) -> list[str]:
@@ -163,6 +175,41 @@ class Spec:
     @property
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
+
+
+def axis_dims(paths: list[str]) -> dict[str, str]:
+    """The dim of each sweep axis: its path's last key (``model.with.hidden`` -> ``hidden``); where
+    two axes share it, as many keys before it as set them apart, joined by ``_`` (``seed`` and
+    ``data.seed`` -> ``seed`` and ``data_seed``)."""
+    keys = {path: path.split(".") for path in paths}
+    taken = {path: 1 for path in paths}
+    while True:
+        dims = {path: "_".join(keys[path][-taken[path]:]) for path in paths}
+        clashing = [path for path in paths if list(dims.values()).count(dims[path]) > 1
+                    and taken[path] < len(keys[path])]
+        if not clashing:
+            return dims
+        for path in clashing:
+            taken[path] += 1
+
+
+def checkpoint_files(base: Path, pattern: str) -> list[str]:
+    """The files a ``model.checkpoints`` glob matches, numbers in names in numeric order
+    (``step_20.pt`` before ``step_100.pt``, which sorted text would swap)."""
+    def key(name: str):
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+    return sorted(glob.glob(str(base / pattern)), key=key)
+
+
+def _checkpoint_files_named(raw: dict, base: Path) -> list[str]:
+    """Every checkpoint file the spec's globs match, also those of a sweep over them."""
+    patterns = list(raw["model"].get("checkpoints", []))
+    for path, values in raw.get("sweep", {}).items():
+        if path == "model.checkpoints" or path.startswith("model.checkpoints."):
+            for value in values:
+                patterns += [p for p in (value if isinstance(value, list) else [value]) if isinstance(p, str)]
+    return [f for pattern in patterns for f in checkpoint_files(base, pattern)]
 
 
 def coordinate_label(value):
@@ -341,7 +388,7 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
                                     "'model.checkpoints' and a 'train' block exclude each other: "
                                     "either load checkpoints or train, not both"))
         for i, pattern in enumerate(model["checkpoints"]):
-            if not sorted(glob.glob(str(base / pattern))):
+            if not checkpoint_files(base, pattern):
                 problems.append(Problem(mark_of(doc, ("model", "checkpoints", i)), ("model", "checkpoints", i),
                                         f"no checkpoint file matches {pattern!r} (looked in {base})"))
     data_with = doc["data"].get("with", {})
@@ -358,7 +405,7 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
                                     f"two probe entries are named {name!r} (entries {names[name]} and {i}); "
                                     "give one a different 'name:'"))
         names[name] = i
-    dims = {}
+    dims, dim_of = {}, axis_dims(list(doc.get("sweep", {})))
     # each sweep value is validated in a copy of the spec; the sweep block itself (valid already)
     # is left out of the copies, which otherwise grew with the number of values
     unswept = {key: value for key, value in plain(doc).items() if key != "sweep"}
@@ -366,9 +413,11 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
         keys = path.split(".")
         mark = mark_of(doc, ("sweep", path))
         if keys[0] in NOT_SWEEPABLE:
-            problems.append(Problem(mark, ("sweep", path), f"{keys[0]!r} cannot be swept"))
+            why = (" (a run has one, which its store records: write one spec per value)"
+                   if keys[0] in ("dtype", "device") else "")
+            problems.append(Problem(mark, ("sweep", path), f"{keys[0]!r} cannot be swept{why}"))
             continue
-        dim = keys[-1]
+        dim = dim_of[path]
         if dim in RESERVED_DIMS or dim == "checkpoint":
             problems.append(Problem(mark, ("sweep", path), f"a sweep axis may not be named {dim!r} "
                                                           "(reserved by xarray's sel or by basinprobe)"))
@@ -401,7 +450,7 @@ def _point_config(raw: dict, base: Path) -> PointConfig:
     model = raw["model"]
     files_ = []
     for pattern in model.get("checkpoints", []):
-        files_ += sorted(glob.glob(str(base / pattern)))
+        files_ += checkpoint_files(base, pattern)
     data = raw["data"]
     data_with = dict(data.get("with", {}))
     if "path" in data_with:
@@ -442,7 +491,8 @@ def _build(doc, text: str, source: Path | None, output: str | None, registry: Re
         at = entry.get("at", "all")
         probes.append(ProbeEntry(entry.get("name", entry["probe"]), entry["probe"],
                                  at if isinstance(at, str) else tuple(at), probe.resolve(entry.get("with", {}))))
-    sweep = tuple(SweepAxis(path, path.split(".")[-1], tuple(values)) for path, values in raw.get("sweep", {}).items())
+    dim_of = axis_dims(list(raw.get("sweep", {})))
+    sweep = tuple(SweepAxis(path, dim_of[path], tuple(values)) for path, values in raw.get("sweep", {}).items())
     name = raw.get("name") or (source.stem if source else "spec")
     if output is not None:
         out = Path(output)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import zarr
 from basinprobe.registry import Probe, ProbeError, collect_registry_with, hookimpl, load_registry
 from basinprobe.runtime import open_results
 from basinprobe.runtime.execute import run_spec
-from basinprobe.runtime.spec import load_spec
+from basinprobe.runtime.spec import SpecError, load_spec
 from conftest import TINY_SPEC
 
 
@@ -128,6 +129,31 @@ def test_rerun_skips_finished_cells(tiny_spec, cli, tmp_path):
     code, out, err = cli("run", tiny_spec, "-q")
     assert code == 0 and "0 cell results written, 6 kept" in out
     assert np.array_equal(open_results(tmp_path / "out.zarr")["eval"]["loss"].values, before)
+
+
+def test_comments_layout_and_execution_do_not_make_another_spec(tiny_spec, cli, tmp_path):
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    text = tiny_spec.read_text()
+    edited = "# the same spec, reformatted\n" + text.replace("seed: 0\n", "seed: 0   # of the model\n")
+    tiny_spec.write_text(edited + "execution: {batch_cells: true}\n")
+    code, out, err = cli("run", tiny_spec, "-q")
+    assert code == 0 and "0 cell results written, 6 kept" in out
+
+
+def test_axes_sharing_a_last_key_are_named_by_the_keys_that_tell_them_apart(write_spec, cli, tmp_path):
+    text = TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep: {seed: [0, 1], data.seed: [3, 4]}")
+    assert cli("run", write_spec(text), "-q")[0] == 0
+    loss = open_results(tmp_path / "out.zarr")["eval"]["loss"]
+    assert loss.dims[:3] == ("seed", "data_seed", "checkpoint") and loss["data_seed"].values.tolist() == [3, 4]
+    # another data seed is another data set: the untrained models' losses differ
+    first = loss.sel(seed=0, checkpoint=0, split="train")
+    assert first.sel(data_seed=3) != first.sel(data_seed=4)
+
+
+def test_dtype_and_device_cannot_be_swept(write_spec):
+    for key, values in (("dtype", "[float32, float64]"), ("device", "[cpu, cuda]")):
+        with pytest.raises(SpecError, match=rf"sweep.{key}: '{key}' cannot be swept"):
+            load_spec(write_spec(TINY_SPEC.replace("sweep: {seed: [0, 1]}", f"sweep: {{{key}: {values}}}")))
 
 
 def test_a_different_spec_is_refused_unless_overwrite(tiny_spec, write_spec, cli, tmp_path):
@@ -318,18 +344,30 @@ def test_model_checkpoint_files_become_checkpoints(write_spec, cli, tmp_path):
 
     from basinprobe.runtime.models import make_mlp
 
+    def save(step):
+        torch.manual_seed(step)
+        torch.save(make_mlp(**{"in": 4, "hidden": [6], "out": 3}).state_dict(), tmp_path / "ckpt" / f"step_{step}.pt")
+
     (tmp_path / "ckpt").mkdir()
-    for i in range(3):
-        torch.manual_seed(i)
-        torch.save(make_mlp(**{"in": 4, "hidden": [6], "out": 3}).state_dict(), tmp_path / "ckpt" / f"step_{i}.pt")
+    for step in (0, 50, 100):   # as text, step_100 would sort before step_50
+        save(step)
     text = TINY_SPEC.replace("train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}\n", "")
     text = text.replace("activation: tanh}}", "activation: relu}, checkpoints: ['ckpt/step_*.pt']}")
-    assert cli("run", write_spec(text), "-q")[0] == 0
+    spec = write_spec(text)
+    assert cli("run", spec, "-q")[0] == 0
     tree = open_results(tmp_path / "out.zarr")
     assert tree["eval"]["loss"]["checkpoint"].values.tolist() == [0, 1, 2]
-    torch.manual_seed(2)
+    torch.manual_seed(100)
     expected = torch.nn.utils.parameters_to_vector(make_mlp(**{"in": 4, "hidden": [6], "out": 3}).parameters())
     assert np.allclose(tree["_checkpoints"]["params"].sel(seed=0, checkpoint=2).values, expected.detach().numpy())
+    layout = json.loads(tree["_checkpoints"].attrs["layouts"])["seed=0"]
+    assert [Path(f).name for f in layout["files"]] == ["step_0.pt", "step_50.pt", "step_100.pt"]
+    # a file added under the glob shifts what the indices mean: the store is another spec's
+    save(20)
+    code, out, err = cli("run", spec, "-q")
+    assert code == 2 and "different spec" in err
+    assert cli("run", spec, "-q", "--overwrite")[0] == 0
+    assert open_results(tmp_path / "out.zarr")["eval"]["loss"]["checkpoint"].values.tolist() == [0, 1, 2, 3]
 
 
 class SeedDistance(Probe):
