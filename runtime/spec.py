@@ -252,6 +252,14 @@ def merged_schema(registry: Registry | None = None) -> dict:
     return schema
 
 
+# JSON Schema counts 4.0 as an integer; the code it feeds (sizes, counts, steps) needs an int,
+# and 1e3 is a float in YAML 1.2. An integer must be written as one.
+SpecValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool)))
+
+
 def _suggest(word, candidates) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=3, cutoff=0.5)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -297,6 +305,8 @@ def _translate(error: jsonschema.ValidationError, document, mark_override: Mark 
     if error.validator == "type":
         expected = error.validator_value
         got = "nothing (the key has no value)" if error.instance is None else repr(error.instance)
+        if isinstance(error.instance, float) and error.instance.is_integer() and "integer" in expected:
+            got += f" (write it as an integer: {int(error.instance)})"
         return [Problem(mark, path, f"expected {expected if isinstance(expected, str) else ' or '.join(expected)}, "
                                     f"got {got}")]
     if error.validator == "required":
@@ -367,7 +377,7 @@ def load_spec(path: str | Path | None = None, *, text: str | None = None, regist
 
     problems = [Problem(mark_of(document, p), p, f"{v} is not a finite number") for p, v in _non_finite(document)]
     registry = registry or load_registry()
-    validator = jsonschema.Draft202012Validator(merged_schema(registry))
+    validator = SpecValidator(merged_schema(registry))
     problems += _validate(document, validator)
     if not problems:
         problems += _check_semantics(document, validator, source)
@@ -425,7 +435,15 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
             problems.append(Problem(mark, ("sweep", path),
                                     f"axes {dims[dim]!r} and {path!r} would both be named {dim!r}"))
         dims[dim] = path
+        seen = {}
         for j, value in enumerate(values):
+            label = coordinate_label(plain(value))
+            if label in seen:   # one point twice: two cells would claim one coordinate
+                problems.append(Problem(mark_of(doc, ("sweep", path, j)), ("sweep", path, j),
+                                        f"{plain(value)!r} is the same point as the axis's value number {seen[label] + 1} "
+                                        f"({plain(values[seen[label]])!r}); give each point once"))
+                continue
+            seen[label] = j
             trial = copy.deepcopy(unswept)
             try:
                 _set_path(trial, keys, value)

@@ -118,6 +118,28 @@ def test_problems_come_once_each_in_file_order(write_spec):
     assert problems[-1].message == "expected object, got nothing (the key has no value)"
 
 
+def test_a_sweep_value_given_twice_is_refused_where_it_repeats(write_spec):
+    # two cells would claim one coordinate: the store held uninitialized memory for them
+    text = GOOD + "sweep:\n  seed: [0, 1, 0]\n  model.with.hidden: [[4], [8], [4]]\n"
+    _, problems = problems_of(write_spec, text)
+    assert [(p.path, p.mark.line, p.message) for p in problems] == [
+        (("sweep", "seed", 2), 10, "0 is the same point as the axis's value number 1 (0); give each point once"),
+        (("sweep", "model.with.hidden", 2), 11,
+         "[4] is the same point as the axis's value number 1 ([4]); give each point once")]
+
+
+@pytest.mark.parametrize("old, new, where", [
+    ("steps: 5}", "steps: 5e0}", "train.steps"),
+    ("n: 20,", "n: 20.0,", "data.with.n"),
+    ("hidden: [4]", "hidden: [4.0]", "model.with.hidden.0"),
+    ("{probe: evaluate}", "{probe: hessian_spectrum, with: {top_k: 2.0}}", "probes.0.with.top_k"),
+])
+def test_a_whole_number_written_as_a_float_is_refused_with_the_integer_to_write(write_spec, old, new, where):
+    _, problems = problems_of(write_spec, GOOD.replace(old, new))
+    assert [".".join(map(str, p.path)) for p in problems] == [where]
+    assert "expected integer, got" in problems[0].message and "(write it as an integer:" in problems[0].message
+
+
 def test_missing_data_file(write_spec):
     _, problems = problems_of(write_spec, GOOD.replace("{kind: teacher_student, with: {n: 20, in: 2}}",
                                                       "{kind: npz, with: {path: nothere.npz}}"))
