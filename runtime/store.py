@@ -159,6 +159,7 @@ class RunStore:
                 "status": record["status"], "error": record.get("error"), "coords": record["coords"],
                 "warnings": record.get("warnings", []), "staged": True,
                 **({"traceback": record["traceback"]} if record.get("traceback") else {}),
+                **({"probe_attrs": record["probe_attrs"]} if record.get("probe_attrs") else {}),
             }
         return status
 
@@ -269,12 +270,14 @@ class RunStore:
                     failed_coords.append(record["coords"])
                     continue
                 if record["staged"]:
-                    ds, attrs = self.read_staged_cell(cell, name)
-                    probe_attrs.append(attrs)
+                    ds, _ = self.read_staged_cell(cell, name)
                 else:
                     ds = _assembled_cell(previous, record["coords"])
                     if ds is None:
                         continue
+                # a cell's own attrs are kept in its status record: a group assembled before
+                # holds only their merge, from which a resumed run could not take them apart
+                probe_attrs.append(record.get("probe_attrs", {}))
                 pieces.append((ds, record["coords"]))
             group = _explain_gaps(_combine(pieces, dims, order, failed_coords), pieces, failed_coords, carried)
             meta = entries_meta[entry.name]

@@ -92,7 +92,9 @@ class Sometimes(Probe):
     def run(self, ctx, params):
         if Sometimes.failing and ctx.cell["seed"] == 1 and ctx.checkpoint == 10:
             raise ProbeError("not this time")
-        return xr.Dataset({"value": ("k", np.arange(3.0) + ctx.checkpoint + 100 * ctx.cell["seed"])})
+        # with an attr that differs between cells, which a rerun must not lose
+        return xr.Dataset({"value": ("k", np.arange(3.0) + ctx.checkpoint + 100 * ctx.cell["seed"])},
+                          attrs={"step": ctx.checkpoint})
 
 
 def test_a_rerun_merges_retried_cells_into_the_assembled_groups_and_leaves_finished_ones(write_spec, tmp_path,
@@ -115,6 +117,7 @@ def test_a_rerun_merges_retried_cells_into_the_assembled_groups_and_leaves_finis
     for name in ("eval", "some", "_checkpoints"):
         xr.testing.assert_identical(resumed[name].to_dataset(), fresh[name].to_dataset())
     assert resumed["some"]["value"].sel(seed=1, checkpoint=10).values.tolist() == [110.0, 111.0, 112.0]
+    assert resumed["some"].attrs["step"] == "varies by cell: 0; 10; 20"
     assert run_spec(spec, registry=registry).done == 0
 
 
