@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -456,8 +457,13 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
             errors = None if block is None else validator.descend(trial[keys[0]], block, path=keys[0])
             problems += _validate(trial, validator, mark_override=mark_of(doc, ("sweep", path, j)), errors=errors)
     if "output" in doc:
-        out = base / doc["output"]
-        if out.exists() and not out.is_dir():
+        written = os.path.expandvars(doc["output"])
+        out = base / Path(written).expanduser()
+        if not doc["output"].strip() or "$" in written:
+            why = "is empty" if not doc["output"].strip() else f"names an unset environment variable ({written!r})"
+            problems.append(Problem(mark_of(doc, ("output",)), ("output",),
+                                    f"output {why}; give the store's path, e.g. results/{doc.get('name', 'run')}.zarr"))
+        elif out.exists() and not out.is_dir():
             problems.append(Problem(mark_of(doc, ("output",)), ("output",),
                                     f"output {doc['output']!r} is an existing file, not a Zarr store; "
                                     "choose another path"))
@@ -513,9 +519,9 @@ def _build(doc, text: str, source: Path | None, output: str | None, registry: Re
     sweep = tuple(SweepAxis(path, dim_of[path], tuple(values)) for path, values in raw.get("sweep", {}).items())
     name = raw.get("name") or (source.stem if source else "spec")
     if output is not None:
-        out = Path(output)
+        out = Path(output).expanduser()
     elif "output" in raw:
-        out = (base / raw["output"]).resolve()
+        out = (base / Path(os.path.expandvars(raw["output"])).expanduser()).resolve()
     else:
         out = base / "results" / f"{name}.zarr"
     return Spec(name=name, device=raw.get("device", "auto"), dtype=raw.get("dtype", "float32"),

@@ -107,6 +107,9 @@ class RunStore:
         versions = versions or {}
         if self.exists():
             attrs = self.root_attrs()
+            if "spec_sha256" not in attrs:
+                raise StoreMismatch(f"{self.path} is a Zarr store that basinprobe did not write; choose another "
+                                    "output (--overwrite replaces only basinprobe's own stores)")
             if attrs.get("spec_sha256") == spec.sha256 and not overwrite:
                 changed = {name: (before, versions[name]) for name, before in attrs.get("code_versions", {}).items()
                            if name in versions and versions[name] != before}
@@ -128,8 +131,12 @@ class RunStore:
             if not self.exists() and any(self.path.iterdir()):
                 raise StoreMismatch(f"{self.path} exists and is not a basinprobe store; choose another output")
             shutil.rmtree(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        except OSError as exc:
+            raise StoreMismatch(f"cannot create the output {self.path}: {exc.strerror or exc}; "
+                                "choose another path") from None
         root.attrs.update({
             "basinprobe_version": _version("basinprobe"),
             "spec": spec.text,

@@ -131,6 +131,21 @@ def test_rerun_skips_finished_cells(tiny_spec, cli, tmp_path):
     assert np.array_equal(open_results(tmp_path / "out.zarr")["eval"]["loss"].values, before)
 
 
+def test_a_zarr_store_basinprobe_did_not_write_is_never_replaced(tiny_spec, cli, tmp_path):
+    xr.Dataset({"theirs": ("x", np.arange(3.0))}).to_zarr(tmp_path / "out.zarr", zarr_format=3, consolidated=False)
+    for extra in ((), ("--overwrite",)):
+        code, out, err = cli("run", tiny_spec, "-q", *extra)
+        assert code == 2 and "is a Zarr store that basinprobe did not write" in err
+    assert xr.open_zarr(tmp_path / "out.zarr", consolidated=False)["theirs"].values.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_an_output_that_cannot_be_created_is_a_clear_error(tiny_spec, cli, tmp_path):
+    (tmp_path / "afile.txt").write_text("")
+    code, out, err = cli("run", tiny_spec, "-q", "-o", str(tmp_path / "afile.txt" / "x.zarr"))
+    assert code == 2 and f"cannot create the output {tmp_path / 'afile.txt' / 'x.zarr'}" in err
+    assert "Traceback" not in err
+
+
 def test_comments_layout_and_execution_do_not_make_another_spec(tiny_spec, cli, tmp_path):
     assert cli("run", tiny_spec, "-q")[0] == 0
     text = tiny_spec.read_text()

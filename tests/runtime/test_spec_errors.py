@@ -39,7 +39,7 @@ def test_malformed_yaml_names_line(write_spec):
 def test_unknown_top_level_key_suggests_close_one(write_spec):
     _, problems = problems_of(write_spec, GOOD + "proobes: []\n")
     assert any("unknown key 'proobes'" in p.message and "'probes'" in p.message for p in problems)
-    assert problems[0].mark.line == 9
+    assert problems[0].mark.line == 8
 
 
 @pytest.mark.parametrize("old,new,expect", [
@@ -157,6 +157,25 @@ def test_output_that_is_an_existing_file(write_spec, tmp_path):
     (tmp_path / "out.zarr").write_text("not a store")
     _, problems = problems_of(write_spec, GOOD)
     assert any("existing file" in p.message for p in problems)
+
+
+@pytest.mark.parametrize("output, expect", [
+    ('""', "output is empty; give the store's path"),
+    ("$BASINPROBE_UNSET_FOLDER/out.zarr", "output names an unset environment variable"),
+])
+def test_an_output_that_names_no_place_is_refused(write_spec, monkeypatch, output, expect):
+    monkeypatch.delenv("BASINPROBE_UNSET_FOLDER", raising=False)
+    _, problems = problems_of(write_spec, GOOD.replace("output: out.zarr", f"output: {output}"))
+    assert [p.path for p in problems] == [("output",)] and problems[0].message.startswith(expect)
+    assert problems[0].mark.line == 8
+
+
+def test_an_output_under_home_or_a_variable_goes_there(write_spec, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BASINPROBE_RESULTS", str(tmp_path / "elsewhere"))
+    assert load_spec(write_spec(GOOD.replace("output: out.zarr", "output: ~/a.zarr"))).output == tmp_path / "home" / "a.zarr"
+    spec = load_spec(write_spec(GOOD.replace("output: out.zarr", "output: $BASINPROBE_RESULTS/b.zarr")))
+    assert spec.output == tmp_path / "elsewhere" / "b.zarr"
 
 
 def test_duplicate_entry_names(write_spec):
