@@ -81,10 +81,12 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> torch.Tensor:
     """The flat parameters of ``model`` with the state_dict in ``path`` loaded (weights only)."""
     if not Path(path).is_file():
         raise BuildError(("model", "checkpoints"), f"checkpoint file {path} does not exist")
+    from basinprobe.runtime.datasets import load_tensors
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BuildError(("model", "checkpoints"), f"cannot load checkpoint {path}: {exc}") from None
+        state = load_tensors(path, "checkpoint")
+    except ValueError as exc:
+        raise BuildError(("model", "checkpoints"), str(exc)) from None
     if not isinstance(state, dict):
         raise BuildError(("model", "checkpoints"), f"checkpoint {path} is not a state_dict (a dict of tensors)")
     expected = model.state_dict()

@@ -174,10 +174,29 @@ FILE_SCHEMA = {
 }
 
 
+def load_tensors(path, what: str):
+    """``torch.load`` of a file that may only hold tensors (``weights_only``: nothing in it runs),
+    its failure said in one line: ``what`` names the file's role, e.g. ``checkpoint``."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{what} {path} holds objects other than tensors, which are not loaded (loading "
+                         "them could run code): save plain tensors, e.g. a state_dict or a dict of tensors") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a file that is not its own
+        raise ValueError(f"{what} {path} is not a file written by torch.save "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
 def _from_arrays(arrays: dict, seed: int, task, test_fraction: float, source: str) -> Dataset:
     missing = [k for k in ("X", "y") if k not in arrays]
     if missing:
         raise ValueError(f"{source} has no array named {missing[0]!r} (it has {sorted(arrays)})")
+    for x_name, y_name in (("X", "y"), ("X_test", "y_test")):
+        if x_name in arrays and y_name in arrays and len(arrays[x_name]) != len(arrays[y_name]):
+            raise ValueError(f"{source}: {x_name} has {len(arrays[x_name])} rows but {y_name} has "
+                             f"{len(arrays[y_name])}; each example needs one target")
     as_tensor = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
     X, y = as_tensor(arrays["X"]).float(), as_tensor(arrays["y"])
     integer = not y.is_floating_point()
@@ -208,7 +227,7 @@ def npz(path, seed=0, task=None, test_fraction=0.2) -> Dataset:
 def pt(path, seed=0, task=None, test_fraction=0.2) -> Dataset:
     if not Path(path).is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    arrays = torch.load(path, map_location="cpu", weights_only=True)
+    arrays = load_tensors(path, "data file")
     if not isinstance(arrays, dict):
         raise ValueError(f"{path} must hold a dict of tensors with keys X, y")
     return _from_arrays(arrays, seed, task, test_fraction, str(path))

@@ -240,3 +240,48 @@ def test_model_that_does_not_fit_the_data(write_spec, cli, tmp_path):
     code, out, err = cli("run", write_spec(GOOD.replace("in: 2, hidden", "in: 3, hidden")))
     assert code == 2 and "cannot take the data's inputs" in err
     assert not (tmp_path / "out.zarr").exists()
+
+
+class RunsCode:
+    """An object whose unpickling would call a function: a file holding it must not be loaded."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def npz_with_too_few_targets(path):
+    import numpy as np
+
+    np.savez(path, X=np.zeros((20, 2)), y=np.zeros(15))
+
+
+def pt_holding_code(path):
+    import torch
+
+    torch.save({"X": RunsCode()}, path)
+
+
+@pytest.mark.parametrize("kind, write, expect", [
+    ("npz", npz_with_too_few_targets, "X has 20 rows but y has 15; each example needs one target"),
+    ("pt", pt_holding_code, "holds objects other than tensors, which are not loaded (loading them could run code)"),
+    ("pt", lambda path: path.write_text("hello"), "is not a file written by torch.save"),
+])
+def test_a_data_file_that_cannot_be_used_is_a_spec_error(write_spec, cli, tmp_path, kind, write, expect):
+    path = tmp_path / f"data.{kind}"
+    write(path)
+    text = GOOD.replace("{kind: teacher_student, with: {n: 20, in: 2}}", f"{{kind: {kind}, with: {{path: data.{kind}}}}}")
+    code, out, err = cli("run", write_spec(text))
+    assert code == 2 and expect in err and "Traceback" not in err and "this ran" not in out
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_checkpoint_holding_code_is_refused(write_spec, cli, tmp_path):
+    import torch
+
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"0.weight": RunsCode()}, tmp_path / "ckpt" / "a.pt")
+    text = GOOD.replace("train: {optimizer: {kind: sgd, lr: 1e-2}, steps: 5}\n", "").replace(
+        "out: 1}}", "out: 1}, checkpoints: [ckpt/*.pt]}")
+    code, out, err = cli("run", write_spec(text))
+    assert code == 2 and "holds objects other than tensors, which are not loaded" in err
+    assert not (tmp_path / "out.zarr").exists()
