@@ -25,6 +25,11 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BuildError(("device",), f"device {name!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BuildError(("device",), f"device {name!r} was asked for but this machine has "
+                                      f"{torch.cuda.device_count()} GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BuildError(("device",), f"device {name!r} was asked for but MPS is not available; use 'auto' or 'cpu'")
     return device
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -89,12 +90,35 @@ def capped(kind: str, messages: list[str], store: str) -> list[str]:
     return lines
 
 
+def _device_problem(name: str, dask: bool) -> str | None:
+    """What is wrong with a --device value (checked here: the spec's own device is checked with
+    the spec, and an error about this one must not point into the spec)."""
+    import re
+
+    from basinprobe.runtime.build import BuildError, resolve_device
+
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+|mps", name):
+        return "expected auto, cpu, cuda, cuda:N or mps"
+    if dask and name.startswith("cuda"):
+        return None   # the workers' GPUs are checked when the cluster is reached
+    try:
+        resolve_device(name)
+    except BuildError as exc:
+        return str(exc)
+    return None
+
+
 def cmd_run(args) -> int:
     from basinprobe.runtime.context import ProbeWarning
     from basinprobe.runtime.execute import run_spec
     from basinprobe.runtime.progress import Reporter
 
     spec = _spec(args)
+    if args.device is not None:
+        problem = _device_problem(args.device, dask=(args.executor or spec.execution.get("executor")) == "dask")
+        if problem:
+            print(f"error: --device {args.device}: {problem}", file=sys.stderr)
+            return EXIT_SPEC
     with warnings.catch_warnings():
         # a probe's warnings are printed once below, with their cells, instead of as Python
         # warnings that quote the probe's source line
@@ -169,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a spec and write its Zarr store")
     p.add_argument("spec")
     p.add_argument("-o", "--output", help="the store (default: the spec's output:)")
-    p.add_argument("--device", help="override the spec's device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--device", help="override the spec's device (auto, cpu, cuda, cuda:N, mps)")
     p.add_argument("--executor", choices=["local", "dask"], help="default: the spec's execution.executor, else local")
     p.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:8786)")
     p.add_argument("--workers", type=int, help="workers of the local dask cluster")
@@ -198,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()   # inside the try: a closed pipe fails here, not at exit
+        return status
+    except BrokenPipeError:
+        # the reader stopped reading (`basinprobe query STORE | head`): nothing of ours failed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         # The error classes are imported only now: their modules import torch (~2 s), which
         # `query` and `plot` do not otherwise need.

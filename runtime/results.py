@@ -118,8 +118,14 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
     if not isinstance(obj, xr.DataArray):
         raise ResultsError("plot takes GROUP/VAR, a single variable")
     obj = obj.squeeze(drop=True)
-    for dim in obj.dims:  # dims without coordinates plot against their index
+    text_ticks = {}
+    for dim in obj.dims:
+        # dims without coordinates plot against their index; text coordinates (align method,
+        # a swept list such as "[64]") against their position, labelled with the text
         if dim not in obj.coords:
+            obj = obj.assign_coords({dim: np.arange(obj.sizes[dim])})
+        elif obj[dim].dtype.kind not in "iufb":
+            text_ticks[dim] = [str(v) for v in obj[dim].values]
             obj = obj.assign_coords({dim: np.arange(obj.sizes[dim])})
     dims = list(obj.dims)
     title = f"{obj.name}" + (f"  [{obj.attrs['description']}]" if obj.attrs.get("description") else "")
@@ -128,11 +134,13 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
     if len(dims) == 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         obj.plot.line(ax=ax, marker="o")
+        if dims[0] in text_ticks:
+            ax.set_xticks(range(len(text_ticks[dims[0]])), text_ticks[dims[0]])
     elif len(dims) == 2:
         fig, ax = plt.subplots(figsize=(7, 5))
         image = ax.imshow(np.asarray(obj.values, dtype=float), aspect="auto", origin="lower", cmap="viridis")
         for axis, dim in ((ax.set_yticks, dims[0]), (ax.set_xticks, dims[1])):
-            labels = [str(v) for v in obj[dim].values]
+            labels = text_ticks.get(dim) or [str(v) for v in obj[dim].values]
             step = max(1, len(labels) // 12)
             axis(range(0, len(labels), step), labels[::step])
         ax.set_ylabel(dims[0])
@@ -141,7 +149,13 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
     elif len(dims) == 3:
         x = max(dims, key=lambda d: obj.sizes[d])
         rest = [d for d in dims if d != x]
+        for dim in rest:   # text labels name the lines and the facets, not positions
+            if dim in text_ticks:
+                obj = obj.assign_coords({dim: text_ticks[dim]})
         g = obj.plot.line(x=x, hue=rest[1], col=rest[0], marker="o")
+        if x in text_ticks:
+            for ax in g.axs.flat:
+                ax.set_xticks(range(len(text_ticks[x])), text_ticks[x])
         fig = g.fig
     else:
         raise ResultsError(f"{obj.name} has {len(dims)} dims ({', '.join(dims)}); select some with --sel first")

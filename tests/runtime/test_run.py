@@ -348,6 +348,38 @@ def test_plot_draws_a_png(tiny_spec, cli, tmp_path):
     assert code == 0 and heat.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_draws_variables_along_text_coordinates(write_spec, cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    text = TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep: {seed: [0, 1], model.with.hidden: [[6], [3]]}")
+    assert cli("run", write_spec(text), "-q")[0] == 0
+    store = tmp_path / "out.zarr"
+    for name, sel in (("line", ["split=train", "seed=0", "checkpoint=20"]),   # along hidden, whose labels are text
+                      ("heat", ["split=train", "checkpoint=20"]),
+                      ("facets", ["split=train"])):
+        png = tmp_path / f"{name}.png"
+        code, out, err = cli("plot", store, "eval/loss", *[a for s in sel for a in ("--sel", s)], "-o", png)
+        assert code == 0 and png.read_bytes()[:4] == b"\x89PNG", err
+
+
+def test_a_bad_device_option_is_an_error_about_the_option(tiny_spec, cli, tmp_path):
+    code, out, err = cli("run", tiny_spec, "--device", "gpu")
+    assert code == 2 and "error: --device gpu: expected auto, cpu, cuda, cuda:N or mps" in err
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    code, out, err = cli("run", tiny_spec, "--device", missing)
+    assert code == 2 and f"error: --device {missing}: device '{missing}' was asked for but" in err
+    assert str(tiny_spec) not in err and not (tmp_path / "out.zarr").exists()
+
+
+def test_query_into_a_closed_pipe_exits_quietly(tiny_spec, cli, tmp_path):
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    # the reader is gone before anything is written (as `| head` is after its lines)
+    reader = subprocess.Popen([sys.executable, "-m", "basinprobe.runtime.cli", "query", str(tmp_path / "out.zarr"),
+                               "eval"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader.stdout.close()
+    err = reader.stderr.read()
+    assert reader.wait() == 0 and "BrokenPipeError" not in err, err
+
+
 def test_untrained_model_is_checkpoint_zero(write_spec, cli, tmp_path):
     text = TINY_SPEC.replace("train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}\n", "")
     assert cli("run", write_spec(text), "-q")[0] == 0
