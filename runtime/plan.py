@@ -107,9 +107,19 @@ def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
     registry = registry or load_registry()
     scoped = {e.name: registry.probes[e.probe].obj().scope for e in spec.probes}
     cell_entries = [e for e in spec.probes if scoped[e.name] == "cell"]
-    points = []
+    points, problems = [], {}
     for index, (coords, config) in enumerate(spec.points()):
         steps, source = checkpoint_steps(config)
+        for i, entry in enumerate(spec.probes):
+            absent = [] if isinstance(entry.at, str) else sorted(set(entry.at) - set(steps))
+            if absent and i not in problems:   # the first sweep point that lacks them is example enough
+                where = f" at sweep point {', '.join(f'{k}={v}' for k, v in coords.items())}" if coords else ""
+                what = "file indices" if source == "files" else "steps"
+                problems[i] = Problem(mark_of(spec.document, ("probes", i, "at")), ("probes", i, "at"),
+                                      f"{', '.join(map(str, absent))} {'is' if len(absent) == 1 else 'are'} not a "
+                                      f"checkpoint{where} (its checkpoint {what}: {', '.join(map(str, steps))}); "
+                                      "pick from those" + (", or add them to train.checkpoints.at"
+                                                           if source == "train" else ""))
         point_key = f"p{index:05d}"
         cells = []
         for step in steps:
@@ -125,6 +135,8 @@ def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
                     cell.artifacts.setdefault(node, []).append(entry.name)
             cells.append(cell)
         points.append(PointPlan(point_key, index, coords, config, steps, cells, _data_node(config), source))
+    if problems:
+        raise SpecError(list(problems.values()))
     groups = []
     for index, entry in enumerate(spec.probes):
         if scoped[entry.name] == "group":

@@ -327,6 +327,13 @@ def test_killed_run_resumes_to_the_same_store(write_spec, tmp_path):
     assert np.array_equal(a["_checkpoints"]["params"].values, b["_checkpoints"]["params"].values)
 
 
+def test_at_naming_a_step_that_is_no_checkpoint_is_a_spec_error(write_spec, cli, tmp_path):
+    text = TINY_SPEC.replace("probe: evaluate}", "probe: evaluate, at: [0, 15]}")
+    code, out, err = cli("validate", write_spec(text))
+    assert code == 2 and "spec.yaml:11:" in err and ("at probes.0.at: 15 is not a checkpoint at sweep point seed=0 (its checkpoint "
+                                           "steps: 0, 10, 20); pick from those, or add them to train.checkpoints.at") in err
+
+
 def test_plan_shows_cells_and_shared_data(write_spec, cli):
     spec = write_spec(TINY_SPEC)
     code, out, err = cli("plan", spec)
