@@ -18,10 +18,18 @@ def _spec(args):
 
 
 def cmd_validate(args) -> int:
+    from basinprobe.registry import load_registry
+    from basinprobe.runtime.build import resolve_device, resolve_dtype
+    from basinprobe.runtime.execute import Workshop
     from basinprobe.runtime.plan import compile_plan
 
     spec = _spec(args)
-    plan = compile_plan(spec)
+    registry = load_registry()
+    plan = compile_plan(spec, registry)
+    # build every distinct model and data set on the CPU, as run does before writing anything,
+    # so that a spec valid here does not fail there (a factory that does not import, a model
+    # that does not fit its data, an unreadable data file)
+    Workshop(spec, registry, resolve_device("cpu"), resolve_dtype(spec.dtype)).preflight(plan)
     print(f"{args.spec}: valid ({len(spec.probes)} probe entries, {len(plan.points)} sweep points, "
           f"{len(plan.cells)} cells, {len(plan.groups)} groups)")
     return 0

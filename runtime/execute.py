@@ -99,16 +99,18 @@ class Workshop:
             with torch.no_grad():
                 out = model(x)
         except RuntimeError as exc:
-            raise SpecError([Problem(mark_of(self.spec.document, ("model",)), ("model",),
-                                     f"the model cannot take the data's inputs of shape "
-                                     f"{tuple(data.X_train.shape[1:])}: {exc}")]) from None
-        if data.task == "classification" and out.shape[-1] != data.n_classes:
-            raise SpecError([Problem(mark_of(self.spec.document, ("model",)), ("model",),
-                                     f"the model has {out.shape[-1]} outputs but the data has {data.n_classes} classes")])
-        if data.task == "regression" and tuple(out.shape[1:]) != tuple(data.y_train.shape[1:]):
-            raise SpecError([Problem(mark_of(self.spec.document, ("model",)), ("model",),
-                                     f"the model's outputs have shape {tuple(out.shape[1:])} but the targets "
-                                     f"{tuple(data.y_train.shape[1:])}")])
+            problem = f"the model cannot take the data's inputs of shape {tuple(data.X_train.shape[1:])}: {exc}"
+        else:
+            problem = None
+            if data.task == "classification" and out.shape[-1] != data.n_classes:
+                problem = f"the model has {out.shape[-1]} outputs but the data has {data.n_classes} classes"
+            elif data.task == "regression" and tuple(out.shape[1:]) != tuple(data.y_train.shape[1:]):
+                problem = (f"the model's outputs have shape {tuple(out.shape[1:])} but the targets "
+                           f"{tuple(data.y_train.shape[1:])}")
+        if problem:
+            # at a sweep point, name it: the values swept are what made this point's model misfit
+            where = f"at sweep point {cell_label(point.coords)}: " if point.coords else ""
+            raise SpecError([Problem(mark_of(self.spec.document, ("model",)), ("model",), where + problem)])
 
 
 def check_result(result, entry_name: str, forbidden_dims: list[str]) -> xr.Dataset:

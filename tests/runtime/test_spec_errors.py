@@ -39,7 +39,7 @@ def test_malformed_yaml_names_line(write_spec):
 def test_unknown_top_level_key_suggests_close_one(write_spec):
     _, problems = problems_of(write_spec, GOOD + "proobes: []\n")
     assert any("unknown key 'proobes'" in p.message and "'probes'" in p.message for p in problems)
-    assert problems[0].mark.line == 8
+    assert problems[0].mark.line == 9
 
 
 @pytest.mark.parametrize("old,new,expect", [
@@ -217,9 +217,16 @@ def test_cli_validate_exits_2_and_writes_nothing(write_spec, cli, tmp_path):
 
 def test_factory_that_does_not_import_is_a_spec_error(write_spec, cli, tmp_path):
     path = write_spec(GOOD.replace("kind: mlp, with: {in: 2, hidden: [4], out: 1}", 'factory: "no_such_module:make"'))
-    code, out, err = cli("run", path)
-    assert code == 2 and "cannot import factory 'no_such_module:make'" in err and f"{path}:2:" in err
+    for command in ("validate", "plan", "run"):   # validate builds the models too: it says what run would
+        code, out, err = cli(command, path)
+        assert code == 2 and "cannot import factory 'no_such_module:make'" in err and f"{path}:2:" in err, command
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_sweep_value_that_makes_one_point_misfit_is_named(write_spec, cli):
+    path = write_spec(GOOD + "sweep: {model.with.in: [2, 5]}\n")
+    code, out, err = cli("validate", path)
+    assert code == 2 and f"{path}:2:" in err and "at model: at sweep point in=5: the model cannot take" in err
 
 
 def test_checkpoint_whose_shapes_do_not_match(write_spec, cli, tmp_path):
