@@ -105,6 +105,10 @@ class Langevin(Probe):
         steps = params.get("draws", 400) * params.get("thin", 1)
         return 3.0 * params.get("chains", 8) * steps * batch
 
+    def check(self, params, n_params, n_train):
+        batch_size = None if params["batch_size"] == "full" else params["batch_size"]
+        _check(params, n_train, _burn_in(params), batch_size)
+
     def run(self, ctx, params):
         return self.run_batched([ctx], params)[0]
 
@@ -120,7 +124,7 @@ class Langevin(Probe):
         X, y = first.data.X_train, first.data.y_train
         n = len(X)
         chains, draws, thin = params["chains"], params["draws"], params["thin"]
-        burn_in = draws // 4 if params["burn_in"] == AUTO else params["burn_in"]
+        burn_in = _burn_in(params)
         sampler = params["sampler"]
         batch_size = None if params["batch_size"] == "full" else params["batch_size"]
         _check(params, n, burn_in, batch_size)
@@ -304,6 +308,10 @@ def _cell_result(trace, step_size, calibration, loss_star, grad_norm, *, params,
     if "calibration_step_size" in data_vars:
         coords["calibration"] = np.arange(CALIBRATION_GRID)
     return xr.Dataset(data_vars, coords=coords, attrs=attrs), messages
+
+
+def _burn_in(params) -> int:
+    return params["draws"] // 4 if params["burn_in"] == AUTO else params["burn_in"]
 
 
 def _check(params, n: int, burn_in: int, batch_size: int | None) -> None:

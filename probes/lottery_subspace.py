@@ -151,6 +151,9 @@ class LotterySubspace(Probe):
         models = 1 + len(params.get("dims", [])) * sum(params.get("repeats", 4) if b == "random" else 1 for b in bases)
         return 3.0 * params.get("steps", 500) * batch * models
 
+    def check(self, params, n_params, n_train):
+        _check_params(params, sorted(int(d) for d in params["dims"]), n_params)
+
     def run(self, ctx, params):
         dims = sorted(int(d) for d in params["dims"])
         bases = list(params["bases"])
@@ -401,9 +404,8 @@ def _generator(ctx, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(ctx.seed + stream)
 
 
-def _check(ctx, params, dims) -> None:
-    """Bad input the schema cannot see (it knows neither the model nor the run)."""
-    n = ctx.n_params
+def _check_params(params, dims, n: int) -> None:
+    """Bad parameters the schema cannot see (it does not know the model's size)."""
     if dims[-1] > n:
         raise ProbeError(f"dims: {dims[-1]} is larger than the model's {n} parameters; use dims ≤ {n}")
     if not 0 < params["threshold"] <= 1:
@@ -412,6 +414,14 @@ def _check(ctx, params, dims) -> None:
         bad = [f for f in params["prune"]["keep"] if not 0 < f <= 1]
         if bad:
             raise ProbeError(f"prune.keep fractions must lie in (0, 1], not {bad}")
+    for key in ("lr", "momentum", "weight_decay", "max_dense_mb"):
+        if not math.isfinite(params[key]):
+            raise ProbeError(f"{key} must be a finite number, not {params[key]}")
+
+
+def _check(ctx, params, dims) -> None:
+    """Bad input the schema cannot see (it knows neither the model nor the run)."""
+    _check_params(params, dims, ctx.n_params)
     if "trajectory" in params["bases"] and len(ctx.trajectory) < 2:
         raise ProbeError("the trajectory basis needs the stored checkpoints of a training run, and this cell has one "
                          "checkpoint: add a `train:` block with `checkpoints: {every: N}` (each checkpoint after the "
@@ -419,6 +429,3 @@ def _check(ctx, params, dims) -> None:
     X, _ = ctx.data.split(params["split"])
     if len(X) == 0:
         raise ProbeError(f"the {params['split']!r} split is empty; use split: train or give the data a test_fraction")
-    for key in ("lr", "momentum", "weight_decay", "max_dense_mb"):
-        if not math.isfinite(params[key]):
-            raise ProbeError(f"{key} must be a finite number, not {params[key]}")

@@ -62,6 +62,13 @@ class Probe:
         """For ``scope = "group"``: the cell dims one run spans (raise ``ProbeError`` if it cannot)."""
         return []
 
+    def check(self, params: dict[str, Any], n_params: int, n_train: int) -> None:
+        """Refuse a ``with:`` block its schema cannot judge: relations between parameters, or to
+        the model's ``n_params`` and the training set's ``n_train`` examples. Raise
+        ``ProbeError`` naming the fix; it is reported at the entry's ``with:`` line. Called by
+        ``validate``, ``plan`` and ``run`` before anything runs, once per distinct model and
+        data set of the sweep."""
+
     def artifact_requests(self, params: dict[str, Any]) -> list[tuple[str, dict]]:
         """The shared artifacts a run with ``params`` will request, for the plan."""
         return [(name, {}) for name in self.requires]

@@ -91,7 +91,23 @@ class Workshop:
                 self.file_trajectory(point, model)
             self._check_shapes(point, model, data)
             sizes[point.key] = checked[alike] = (sum(p.numel() for p in model.parameters()), len(data.X_train))
+        self._check_entries(plan, sizes)
         return sizes
+
+    def _check_entries(self, plan: Plan, sizes: dict[str, tuple[int, int]]) -> None:
+        """Each probe entry's ``check`` of its ``with:`` block, once per distinct model and data size."""
+        first_point = {}
+        for point in plan.points:
+            first_point.setdefault(sizes[point.key], point)
+        for index, entry in enumerate(self.spec.probes):
+            probe = self.registry.probes[entry.probe].obj()
+            for (n_params, n_train), point in first_point.items():
+                try:
+                    probe.check(dict(entry.params), n_params, n_train)
+                except ProbeError as exc:
+                    where = f"at sweep point {cell_label(point.coords)}: " if len(first_point) > 1 else ""
+                    path = ("probes", index, "with")
+                    raise SpecError([Problem(mark_of(self.spec.document, path), path, where + str(exc))]) from None
 
     def _check_shapes(self, point, model, data) -> None:
         x = data.X_train[:2].to(self.device, self.dtype)

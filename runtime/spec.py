@@ -289,7 +289,8 @@ def _translate(error: jsonschema.ValidationError, document, mark_override: Mark 
         # whose type fits the value wants, or, when no type fits, every type that would
         def misfit(e):  # a branch that wants another type than the value has
             return not e.path and (e.validator == "type" or (
-                e.validator == "enum" and not any(type(v) is type(e.instance) for v in e.validator_value)))
+                e.validator == "enum" and not any(type(v) is type(e.instance) for v in e.validator_value)) or (
+                e.validator == "const" and type(e.validator_value) is not type(e.instance)))
 
         misfits = [e for e in error.context if misfit(e)]
         branches = [e for e in error.context if not misfit(e)]
@@ -299,6 +300,8 @@ def _translate(error: jsonschema.ValidationError, document, mark_override: Mark 
         for e in misfits:
             if e.validator == "enum":
                 forms = [f"one of {', '.join(map(str, e.validator_value))}"]
+            elif e.validator == "const":
+                forms = [json.dumps(e.validator_value)]
             else:
                 forms = [e.validator_value] if isinstance(e.validator_value, str) else e.validator_value
             expected += [f for f in forms if f not in expected]

@@ -292,3 +292,17 @@ def test_a_checkpoint_holding_code_is_refused(write_spec, cli, tmp_path):
     code, out, err = cli("run", write_spec(text))
     assert code == 2 and "holds objects other than tensors, which are not loaded" in err
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("entry, expect", [
+    ("{probe: langevin, with: {burn_in: 500, draws: 400}}", "burn_in (500) must be smaller than draws (400)"),
+    ("{probe: langevin, with: {sampler: mala, batch_size: 8}}", "sampler mala needs full-batch gradients"),
+    ("{probe: lottery_subspace, with: {dims: [2, 5000]}}", "dims: 5000 is larger than the model's 17 parameters"),
+    ("{probe: lottery_subspace, with: {dims: [2], prune: {keep: [0, 0.5]}}}",
+     "at probes.0.with.prune.keep.0: 0 is out of range: must be > 0"),
+])
+def test_a_with_block_its_probe_refuses_fails_validate_at_its_line(write_spec, cli, tmp_path, entry, expect):
+    path = write_spec(GOOD.replace("{probe: evaluate}", entry))
+    code, out, err = cli("validate", path)
+    assert code == 2 and f"{path}:7:" in err and expect in err, err
+    assert not (tmp_path / "out.zarr").exists()
