@@ -233,6 +233,9 @@ def main(argv=None) -> int:
         status = args.func(args)
         sys.stdout.flush()   # inside the try: a closed pipe fails here, not at exit
         return status
+    except KeyboardInterrupt:   # outside a run's own handling (loading, printing): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader stopped reading (`basinprobe query STORE | head`): nothing of ours failed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -244,8 +247,36 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     finally:
         if cluster is not None:
             cluster.close()
-        store.assemble(spec, entries_meta, point_layouts)
+        with _sigint_held(reporter) as held:
+            store.assemble(spec, entries_meta, point_layouts)
+        if held:
+            report.interrupted = True
+    if report.interrupted and cluster is not None:
+        # cells a worker finished while the futures were cancelled were staged, not reported
+        after = store.status()
+        report.done = sum(after.get(unit, {}).get("status") == "done" for unit in units) - report.skipped
     return report
+
+
+@contextlib.contextmanager
+def _sigint_held(reporter):
+    """Hold Ctrl-C while the store is assembled: the groups are swapped in whole either way, but
+    an interrupt there left a traceback and a signal's exit status instead of 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    held = []
+
+    def hold(signum, frame):
+        if not held:
+            reporter.note("assembling the store; Ctrl-C takes effect once it is whole")
+        held.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _units(plan: Plan) -> list[tuple[str, str]]:

@@ -316,4 +316,8 @@ def test_sigint_on_the_coordinator_keeps_finished_cells_and_resumes(write_spec, 
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert " 0 kept" not in resumed.stdout
+    # what the interrupted run said it wrote is what the rerun keeps (cells a worker finished as
+    # the futures were cancelled count too)
+    written = int(re.search(r"(\d+) cell results written", out).group(1))
+    assert f" {written} kept from an earlier run" in resumed.stdout, (out, resumed.stdout)
     assert np.isfinite(open_results(tmp_path / "out.zarr")["eval"]["loss"].values).all()

@@ -334,6 +334,22 @@ def test_at_naming_a_step_that_is_no_checkpoint_is_a_spec_error(write_spec, cli,
                                            "steps: 0, 10, 20); pick from those, or add them to train.checkpoints.at") in err
 
 
+def test_ctrl_c_while_the_store_is_assembled_is_held_until_it_is_whole(tiny_spec, tmp_path, monkeypatch):
+    from basinprobe.runtime.store import RunStore
+
+    assemble = RunStore.assemble
+
+    def interrupted_assembly(self, *args):
+        os.kill(os.getpid(), signal.SIGINT)   # the handler runs here, between two bytecodes
+        assemble(self, *args)
+
+    monkeypatch.setattr(RunStore, "assemble", interrupted_assembly)
+    report = run_spec(load_spec(tiny_spec))
+    assert report.interrupted and report.done == 6
+    assert open_results(tmp_path / "out.zarr")["eval"]["loss"].sizes["checkpoint"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_plan_shows_cells_and_shared_data(write_spec, cli):
     spec = write_spec(TINY_SPEC)
     code, out, err = cli("plan", spec)
