@@ -59,8 +59,9 @@ def arguments(name: str, kwargs: dict) -> dict:
     """The arguments of a request with the producer's defaults filled in, so leaving an
     argument out and passing its default value name the same computation."""
     signature = _signature(producer(name))
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     unknown = [key for key in kwargs if key not in signature.parameters or key == "ctx"]
-    if unknown:
+    if unknown and not open_ended:
         takes = ", ".join(f"{p.name}={p.default!r}" for p in list(signature.parameters.values())[1:])
         raise TypeError(f"artifact {name!r} has no argument {', '.join(map(repr, unknown))}; "
                         f"it takes (with defaults) {takes}")
