@@ -74,7 +74,8 @@ class Probe:
         return [(name, {}) for name in self.requires]
 
     def cost(self, params: dict[str, Any], n_params: int, n_train: int) -> float:
-        """A rough cost in forward-pass-equivalents over one sample, for the plan."""
+        """A rough cost in forward-pass-equivalents over one sample, for the plan: of one cell,
+        or for ``scope = "group"`` of one run over a group."""
         return float(n_train)
 
     def run_batched(self, ctxs: list, params: dict[str, Any]) -> list:

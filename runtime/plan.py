@@ -193,4 +193,10 @@ def estimate_cost(plan: Plan, n_params: dict[str, int], n_train: dict[str, int],
                 probe = registry.probes[entry.probe].obj()
                 per_entry[entry.name] = per_entry.get(entry.name, 0.0) + 2.0 * n * probe.cost(
                     entry.params, n, n_train[point.key])
+    for group in plan.groups:   # a group-scoped probe costs one run per group
+        point = group.members[0][0]
+        n = n_params[point.key]
+        probe = registry.probes[group.entry.probe].obj()
+        per_entry[group.entry.name] = per_entry.get(group.entry.name, 0.0) + 2.0 * n * probe.cost(
+            group.entry.params, n, n_train[point.key])
     return {"train": train, "probes": per_entry}

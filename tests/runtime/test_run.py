@@ -3,6 +3,7 @@
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -358,6 +359,14 @@ def test_plan_shows_cells_and_shared_data(write_spec, cli):
     assert "estimated cost" in out
     code, out, err = cli("plan", spec, "--max-cells", "1")
     assert "... and 1 more sweep points" in out and "... and 5 more cells" in out
+
+
+def test_plan_estimates_the_cost_of_group_probes_too(write_spec, cli):
+    text = TINY_SPEC.replace("  - {name: eval, probe: evaluate}",
+                             "  - {name: mc, probe: mode_connectivity, at: last, with: {pairs: {sweep: seed}}}")
+    code, out, err = cli("plan", write_spec(text))
+    cost = next(line for line in out.splitlines() if line.startswith("estimated cost"))
+    assert code == 0 and re.search(r"; mc \d\.\d\de\+\d\d flop$", cost), cost
 
 
 def test_plot_draws_a_png(tiny_spec, cli, tmp_path):
