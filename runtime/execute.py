@@ -304,6 +304,15 @@ class PointState:
     loss_fn: object
     trajectory: dict[int, torch.Tensor]
     artifacts: dict = field(default_factory=dict)  # computed at a checkpoint, shared by the point's cells
+    diverged: str | None = None   # why training stopped before its last checkpoint (this run)
+
+    def unreached(self, step: int) -> str | None:
+        """Why checkpoint ``step`` has no parameters (training diverged before it), or None."""
+        if step in self.trajectory:
+            return None
+        why = self.diverged or "training diverged before it (stored checkpoints end at step " \
+                                f"{max(self.trajectory)}); lower train.optimizer.lr"
+        return f"no checkpoint at step {step}: {why}"
 
 
 def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) -> PointState:
@@ -312,15 +321,20 @@ def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) ->
     model = shop.model(point)
     loss_fn = shop.loss(point)
     device, dtype = shop.device, shop.dtype
-    trajectory = store.read_trajectory(point.key, point.coords, dtype)
+    trajectory, diverged = store.read_trajectory(point.key, point.coords, dtype), None
     if trajectory is None:
-        trajectory = _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype)
+        try:
+            trajectory = _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype)
+        except TrainingDiverged as exc:
+            # the checkpoints before the divergence are measured (how sharpness grew up to it is
+            # often the point); the later ones fail with the reason
+            trajectory, diverged = exc.reached, str(exc)
         layout = {"names": [n for n, _ in model.named_parameters()],
                   "shapes": [list(p.shape) for _, p in model.named_parameters()]}
         if point.config.model.checkpoints:   # which file each checkpoint index was loaded from
             layout["files"] = list(point.config.model.checkpoints)
         store.write_point(point.key, point.coords, trajectory, layout)
-    return PointState(model, data.to(device, dtype), loss_fn, trajectory)
+    return PointState(model, data.to(device, dtype), loss_fn, trajectory, diverged=diverged)
 
 
 def _cell_context(point: PointPlan, state: PointState, checkpoint: int, shop: Workshop, reporter) -> CellContext:
@@ -377,16 +391,16 @@ def run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, r
                if status.get((cell.key, entry.name), {}).get("status") != "done" and entry.name not in skip}
     if not pending:
         return
-    try:
-        state = states.get(point.key) or _point_state(point, shop, store, reporter)
-    except TrainingDiverged as exc:
-        _fail_all(pending, {c.key: c.coords for c in point.cells}, store, reporter, report, str(exc))
-        return
+    state = states.get(point.key) or _point_state(point, shop, store, reporter)
     if keep_state:
         states[point.key] = state
     for cell in point.cells:
         entries = [e for e in cell.entries if (cell.key, e.name) in pending]
         if not entries:
+            continue
+        if state.unreached(cell.checkpoint):
+            _fail_all({(cell.key, e.name) for e in entries}, {cell.key: cell.coords}, store, reporter, report,
+                      state.unreached(cell.checkpoint))
             continue
         ctx = _cell_context(point, state, cell.checkpoint, shop, reporter)
         for entry in entries:
@@ -435,11 +449,11 @@ def _run_batch(batch: list, spec, shop: Workshop, store: RunStore, reporter, rep
     entry = batch[0][2]
     members = []
     for point, cell, _ in batch:
-        try:
-            if point.key not in states:
-                states[point.key] = _point_state(point, shop, store, reporter)
-        except TrainingDiverged as exc:
-            _fail_all({(cell.key, entry.name)}, {cell.key: cell.coords}, store, reporter, report, str(exc))
+        if point.key not in states:
+            states[point.key] = _point_state(point, shop, store, reporter)
+        if states[point.key].unreached(cell.checkpoint):
+            _fail_all({(cell.key, entry.name)}, {cell.key: cell.coords}, store, reporter, report,
+                      states[point.key].unreached(cell.checkpoint))
             continue
         ctx = _cell_context(point, states[point.key], cell.checkpoint, shop, reporter)
         ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
@@ -466,16 +480,17 @@ def _run_batch(batch: list, spec, shop: Workshop, store: RunStore, reporter, rep
 
 def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter, report, states: dict):
     members = []
-    try:
-        for point, step in group.members:
-            if point.key not in states:
-                states[point.key] = _point_state(point, shop, store, reporter)
-            state = states[point.key]
-            members.append(Member({**point.coords, "checkpoint": step}, step,
-                                  lambda p=point, st=state, c=step: _cell_context(p, st, c, shop, reporter)))
-    except TrainingDiverged as exc:
-        _fail_all({(group.key, group.entry.name)}, {group.key: group.coords}, store, reporter, report, str(exc))
-        return
+    for point, step in group.members:
+        if point.key not in states:
+            states[point.key] = _point_state(point, shop, store, reporter)
+        state = states[point.key]
+        if state.unreached(step):
+            where = cell_label(point.coords)
+            _fail_all({(group.key, group.entry.name)}, {group.key: group.coords}, store, reporter, report,
+                      f"member {where}: {state.unreached(step)}" if where else state.unreached(step))
+            return
+        members.append(Member({**point.coords, "checkpoint": step}, step,
+                              lambda p=point, st=state, c=step: _cell_context(p, st, c, shop, reporter)))
     ctx = GroupContext(members, group.coords, group.spanned, device=shop.device, dtype=shop.dtype,
                        seed=derive_seed(spec.raw.get("seed", 0), group.key, group.entry.name), progress_factory=reporter.task)
     forbidden = [d for d in spec.cell_dims if d not in group.spanned]

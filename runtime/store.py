@@ -224,9 +224,11 @@ class RunStore:
         params = ds["params"].values
         if n is not None:
             params = params[:, :n]
+        # a row all NaN is a checkpoint this point never reached (its training diverged before
+        # it, or other points have more checkpoints); a row partly non-finite is not a checkpoint
         rows = {int(s): torch.from_numpy(np.ascontiguousarray(params[i])).to(dtype)
-                for i, s in enumerate(ds["checkpoint"].values)}
-        if any(not torch.isfinite(v).all() for v in rows.values()):
+                for i, s in enumerate(ds["checkpoint"].values) if not np.isnan(params[i]).all()}
+        if not rows or any(not torch.isfinite(v).all() for v in rows.values()):
             return None
         return rows
 

@@ -12,7 +12,11 @@ from basinprobe.runtime.build import flat_parameters
 
 
 class TrainingDiverged(Exception):
-    pass
+    """Training met a non-finite loss; ``reached`` holds the checkpoints stored before it."""
+
+    def __init__(self, message: str, reached: dict[int, torch.Tensor] | None = None):
+        super().__init__(message)
+        self.reached = dict(reached or {})
 
 
 class Optimizer:
@@ -106,7 +110,7 @@ def train(model: torch.nn.Module, data: Dataset, loss_fn, cfg, generator: torch.
         if not math.isfinite(loss.item()):
             raise TrainingDiverged(
                 f"training diverged at step {step} (loss {loss.item()}); "
-                f"lower train.optimizer.lr (now {cfg.optimizer.lr})"
+                f"lower train.optimizer.lr (now {cfg.optimizer.lr})", trajectory
             )
         loss.backward()
         optimizer.step()

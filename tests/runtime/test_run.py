@@ -281,7 +281,7 @@ def test_probe_warnings_are_printed_once_with_their_cells_and_stored(write_spec,
     assert out.count("  WARNING seed=") == 2 and "WARNING seed=1,checkpoint=0: not near a minimum" in out
 
 
-def test_diverging_training_fails_its_cells_with_advice(write_spec, cli):
+def test_diverging_training_fails_its_cells_with_advice(write_spec, cli, tmp_path):
     # gradient descent on a quadratic with lr far above 2/lambda_max blows up geometrically
     spec = write_spec(TINY_SPEC.replace("lr: 0.1", "lr: 50.0").replace("hidden: [6], out: 3", "hidden: [], out: 1").replace(
         "{kind: gaussian_mixture, with: {n: 60, in: 4, classes: 3}, batch_size: 32}",
@@ -289,6 +289,37 @@ def test_diverging_training_fails_its_cells_with_advice(write_spec, cli):
         "steps: 20", "steps: 200").replace("at: [0, 10, 20]", "at: [0, 200]"))
     code, out, err = cli("run", spec, "-q")
     assert code == 1 and "training diverged" in err and "lower train.optimizer.lr" in err
+    # the checkpoints before the divergence (here the initialization) are measured
+    loss = open_results(tmp_path / "out.zarr")["eval"]["loss"]
+    assert np.isfinite(loss.sel(checkpoint=0)).all() and np.isnan(loss.sel(checkpoint=200)).all()
+    assert err.count("no checkpoint at step 200: training diverged at step") == 2
+    # a rerun retries the failed cells from the stored checkpoints, without training again
+    code, out, err = cli("run", spec, "-q")
+    assert code == 1 and "2 kept from an earlier run" in out
+    assert err.count("no checkpoint at step 200: training diverged before it (stored checkpoints end at step 0)") == 2
+
+
+def test_cells_before_a_divergence_are_measured_and_match_an_undiverged_run(write_spec, tmp_path, monkeypatch):
+    import dataclasses
+
+    from basinprobe.runtime import execute, train
+
+    def diverging_after_ten(model, data, loss_fn, cfg, generator, progress=None):
+        """Training as it is up to step 10, then a divergence."""
+        short = dataclasses.replace(cfg, steps=10, checkpoint_steps=(0, 10))
+        reached = train.train(model, data, loss_fn, short, generator, progress)
+        raise train.TrainingDiverged("training diverged at step 11 (loss nan); lower train.optimizer.lr", reached)
+
+    monkeypatch.setattr(execute, "train", diverging_after_ten)
+    report = run_spec(load_spec(write_spec(TINY_SPEC)))
+    assert report.done == 4 and len(report.failures) == 2
+    monkeypatch.undo()
+    ref = TINY_SPEC.replace("steps: 20, checkpoints: {at: [0, 10, 20]}", "steps: 10, checkpoints: {at: [0, 10]}")
+    assert run_spec(load_spec(write_spec(ref.replace("out.zarr", "ref.zarr"), "ref.yaml"))).ok
+    got, want = open_results(tmp_path / "out.zarr"), open_results(tmp_path / "ref.zarr")
+    np.testing.assert_array_equal(got["eval"]["loss"].sel(checkpoint=[0, 10]).values, want["eval"]["loss"].values)
+    assert np.isnan(got["eval"]["loss"].sel(checkpoint=20)).all()
+    assert "no checkpoint at step 20: training diverged at step 11" in got["eval"].attrs["failed"][0]
 
 
 def test_killed_run_resumes_to_the_same_store(write_spec, tmp_path):
