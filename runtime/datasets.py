@@ -198,18 +198,23 @@ def _from_arrays(arrays: dict, seed: int, task, test_fraction: float, source: st
             raise ValueError(f"{source}: {x_name} has {len(arrays[x_name])} rows but {y_name} has "
                              f"{len(arrays[y_name])}; each example needs one target")
     as_tensor = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
-    X, y = as_tensor(arrays["X"]).float(), as_tensor(arrays["y"])
+
+    def inputs(a):   # a file's float64 stays float64 (the run casts to its dtype; rounding to float32
+        a = as_tensor(a)   # here made a float64 run's exact minimizer no minimum of its loss)
+        return a if a.dtype == torch.float64 else a.float()
+
+    X, y = inputs(arrays["X"]), as_tensor(arrays["y"])
     integer = not y.is_floating_point()
     task = task or ("classification" if integer else "regression")
     if task == "classification":
         y = y.long()
     else:
-        y = y.float()
+        y = inputs(y)
         y = y[:, None] if y.dim() == 1 else y
     info = {"kind": "file", "path": source, "seed": seed}
     if "X_test" in arrays and "y_test" in arrays:
-        Xt, yt = as_tensor(arrays["X_test"]).float(), as_tensor(arrays["y_test"])
-        yt = yt.long() if task == "classification" else (yt.float()[:, None] if yt.dim() == 1 else yt.float())
+        Xt, yt = inputs(arrays["X_test"]), as_tensor(arrays["y_test"])
+        yt = yt.long() if task == "classification" else (inputs(yt)[:, None] if yt.dim() == 1 else inputs(yt))
         return Dataset(X, y, Xt, yt, task=task, info=info)
     return _split(X, y, test_fraction, torch.Generator().manual_seed(seed), task, info=info)
 

@@ -70,6 +70,13 @@ def test_npz_and_pt_files(tmp_path):
                tmp_path / "d.pt")
     data = datasets.pt(path=str(tmp_path / "d.pt"), seed=0)
     assert data.task == "regression" and data.y_train.shape == (20, 1) and len(data.X_test) == 4
+    # a float64 file keeps its precision (a float64 run would otherwise see float32-rounded data)
+    X64 = np.random.default_rng(1).normal(size=(20, 3)) / 3
+    np.savez(tmp_path / "d64.npz", X=X64, y=X64[:, 0] ** 2)
+    data = datasets.npz(path=str(tmp_path / "d64.npz"), seed=0, test_fraction=0.25)
+    both = torch.cat([data.X_train, data.X_test])
+    assert both.dtype == torch.float64 and sorted(both[:, 0].tolist()) == sorted(X64[:, 0].tolist())
+    assert data.y_train.dtype == torch.float64
     np.savez(tmp_path / "bad.npz", inputs=X)
     with pytest.raises(ValueError, match="no array named 'X'"):
         datasets.npz(path=str(tmp_path / "bad.npz"))
