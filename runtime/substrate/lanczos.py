@@ -64,6 +64,7 @@ class Eigenpairs:
     matvecs: int
     restarts: int = 0
     method: str = "lanczos"
+    exact: bool = False   # the basis spanned the whole space: every eigenvalue was seen, copies included
 
 
 class _Krylov:
@@ -214,22 +215,112 @@ def lanczos_rows(n: int, k: int, which: str = "top", *, generators: list[torch.G
     Row i starts from ``V0[i]`` or a Gaussian drawn from ``generators[i]`` and takes exactly
     the steps it would take alone (its own stopping test, restarts at the same step); the
     bookkeeping of all rows is batched (``bmm``, one batched ``eigh`` per step). A row that
-    has converged is sent zeros from then on. ``max_basis`` bounds each stored basis (thick
-    restart beyond it; default: as many vectors as fit in ``BASIS_BYTES``, between 2k + 20
-    and 200, at most n); ``max_matvecs`` bounds the products (default ``max(500, 50 k)``).
-    If the budget runs out first, ``converged`` is False and ``errors`` says how far off
-    the values may be.
+    has converged is sent zeros while the others go on. ``max_basis`` bounds each stored basis
+    (thick restart beyond it; default: as many vectors as fit in ``BASIS_BYTES``, between
+    2k + 20 and 200, at most n); ``max_matvecs`` bounds the products (default
+    ``max(500, 50 k)``). If the budget runs out first, ``converged`` is False and ``errors``
+    says how far off the values may be.
+
+    Repeated eigenvalues: the Krylov space of one start vector holds one direction of each
+    eigenspace, so a run can converge with a copy of a repeated eigenvalue missing and a
+    smaller value in its place. Each row therefore checks, once its values converge: a
+    Lanczos run for the one most wanted eigenvalue of the operator with every eigenvector found
+    so far moved to the unwanted side of the k-th value (P A P + s YYᵀ, P = I - YYᵀ), from a
+    new start drawn from the row's generator. If that value is beyond the k-th, it joins the
+    list (a missed copy, or a value the first run skipped) and the check repeats; otherwise
+    the list stands. A spectrum without repeats costs one such run.
     """
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom', not {which!r}")
     if not 1 <= k <= n:
         raise ValueError(f"cannot compute {k} eigenpairs of an operator of size {n}")
     m = len(generators)
+    budget = max_matvecs or max(500, 50 * k)
+    with (progress or contextlib.nullcontext()) as bar:
+        results = yield from _pass(n, k, which, generators, tol, [budget] * m, max_basis, V0, dtype, device, bar)
+        found = [r.vectors for r in results]   # every eigenvector found: what a check moves aside
+        settled = [r.exact or r.matvecs >= budget or found[i].shape[1] >= n for i, r in enumerate(results)]
+        while not all(settled):
+            rows = [i for i in range(m) if not settled[i]]
+            starts = torch.stack([_deflate(torch.randn(n, generator=generators[i], dtype=torch.float64)
+                                           .to(device=device, dtype=dtype), found[i]) for i in rows])
+            shifts = [_aside(results[i].values[-1], which) for i in rows]
+            boundaries = torch.tensor([float(results[i].values[-1]) for i in rows], dtype=torch.float64)
+            check = _pass(n, 1, which, [generators[i] for i in rows], tol,
+                          [budget - results[i].matvecs for i in rows], max_basis, starts, dtype, device, bar,
+                          boundaries=boundaries)
+            checks = yield from _moved_aside(check, rows, [found[i] for i in rows], shifts, m, n)
+            for i, extra in zip(rows, checks):
+                results[i], found[i], settled[i] = _merge(results[i], extra, found[i], which, k, tol)
+                settled[i] = settled[i] or results[i].matvecs >= budget or found[i].shape[1] >= n
+        return results
+
+
+def _deflate(v: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``v`` minus its components along the orthonormal columns of ``Y`` (twice: rounding)."""
+    for _ in range(2):
+        v = v - Y @ (Y.T @ v)
+    return v
+
+
+def _aside(boundary: torch.Tensor, which: str) -> float:
+    """A value on the unwanted side of the k-th wanted value, for found eigenvectors to sit at."""
+    b = float(boundary)
+    return b - abs(b) - 1.0 if which == "top" else b + abs(b) + 1.0
+
+
+def _moved_aside(routine: Routine, rows: list[int], bases: list[torch.Tensor], shifts: list[float],
+                 m: int, n: int) -> Routine:
+    """Run ``routine`` (over ``rows`` of the m operators) against P A P + s YYᵀ of each row, P = I - YYᵀ:
+    the found eigenvectors Y moved to the value s, every other direction seen through A."""
+    try:
+        request = next(routine)
+        while True:
+            block = request.new_zeros(m, n)
+            for q, i in enumerate(rows):
+                block[i] = _deflate(request[q], bases[q])
+            product = yield block
+            answer = torch.stack([
+                _deflate(product[i], bases[q]) + bases[q] @ (shifts[q] * (bases[q].T @ request[q]))
+                for q, i in enumerate(rows)])
+            request = routine.send(answer)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _merge(result: Eigenpairs, extra: Eigenpairs, found: torch.Tensor, which: str, k: int, tol: float
+           ) -> tuple[Eigenpairs, torch.Tensor, bool]:
+    """``result`` with the check's value joined where it lies beyond the k-th; the found vectors
+    with the check's; whether the list stands (nothing joined)."""
+    boundary, value = float(result.values[-1]), float(extra.values[0])
+    margin = float(result.errors[-1] + extra.errors[0]) + tol * max(abs(boundary), tol)
+    beyond = value > boundary + margin if which == "top" else value < boundary - margin
+    found = torch.cat([found, extra.vectors], dim=1)
+    spent = dict(matvecs=result.matvecs + extra.matvecs, restarts=result.restarts + extra.restarts,
+                 converged=result.converged and extra.converged)
+    if not beyond:
+        return Eigenpairs(result.values, result.vectors, result.errors, **spent), found, True
+    values = torch.cat([result.values, extra.values])
+    order = torch.argsort(values, descending=(which == "top"))[:k]
+    vectors = torch.cat([result.vectors, extra.vectors], dim=1)[:, order]
+    errors = torch.cat([result.errors, extra.errors])[order]
+    return Eigenpairs(values[order], vectors.contiguous(), errors, **spent), found, False
+
+
+def _pass(n: int, k: int, which: str, generators: list[torch.Generator], tol: float, budgets: list[int],
+          max_basis: int | None, V0: torch.Tensor | None, dtype: torch.dtype, device, bar,
+          boundaries: torch.Tensor | None = None) -> Routine:
+    """One Lanczos run per row (see :func:`lanczos_rows`), each row with its own budget of products;
+    ``bar`` an entered progress bar or None. With ``boundaries`` (a check, k = 1), a row also
+    stops once its value is on the unwanted side of its boundary by more than twice its
+    residual: an eigenvalue lies within the residual of it (Kato), so it is not beyond, and
+    the check needs no more digits of it."""
+    m = len(generators)
     itemsize = torch.finfo(dtype).bits // 8
     size = min(n, max_basis or max(2 * k + 20, min(200, BASIS_BYTES // (n * itemsize))))
     if size < min(n, k + 2):
         raise ValueError(f"max_basis={max_basis} must exceed k + 1 = {k + 1}")
-    budget = max_matvecs or max(500, 50 * k)
+    budget = torch.tensor(budgets)
     if V0 is None:
         V0 = torch.stack([torch.randn(n, generator=g, dtype=torch.float64) for g in generators])
     krylov = _Krylov(m, n, size, dtype, device)
@@ -239,50 +330,52 @@ def lanczos_rows(n: int, k: int, which: str = "top", *, generators: list[torch.G
     results: list[Eigenpairs | None] = [None] * m
     matvecs = restarts = 0
     scale = torch.zeros(m, dtype=torch.float64)
-    with (progress or contextlib.nullcontext()) as bar:
-        while True:
-            krylov.accept((yield krylov.pending()))
-            matvecs += 1
-            if bar is not None:
-                bar.advance(1)
-            # finished rows need no Ritz values; while none has finished, a slice (a view) selects them
-            rows = every if running else active.nonzero().flatten()
-            sel = slice(None) if running else rows
-            theta, S = krylov.ritz(sel)
-            r, j = len(rows), krylov.j
-            scale[sel] = torch.maximum(scale[sel], theta.abs().amax(dim=1))
-            residuals = krylov.beta[sel, None] * S[:, -1].abs()
-            order = _wanted(theta, which)
-            idx = order[:, :k]
-            values = theta.gather(1, idx)
-            if j == n:  # the bases span the whole space: the values are exact
-                errors = torch.zeros(r, k, dtype=torch.float64)
-                converged = torch.ones(r, dtype=torch.bool)
-            elif j >= k:
-                errors = _error_bounds(theta, residuals, idx)
-                converged = (errors <= tol * torch.maximum(values.abs(), tol * scale[sel, None])).all(dim=1) & (j > k)
-            else:
-                errors = torch.full((r, k), float("inf"), dtype=torch.float64)
-                converged = torch.zeros(r, dtype=torch.bool)
-            done = converged | (matvecs >= budget)
-            finished = done.nonzero().flatten().tolist()
-            for q in finished:
-                i = int(rows[q])
-                vectors = S[q][:, idx[q]].to(krylov.V).T @ krylov.V[i, :j]
-                results[i] = Eigenpairs(values[q], vectors.T.contiguous(), errors[q].clone(), bool(converged[q]),
-                                        matvecs, restarts)
-            if finished:
-                active[rows[done]] = False
-                running = False
-                if not bool(active.any()):
-                    return results
-            if j == size:
-                going = ~done
-                keep = order[going, : min(j - 1, k + (size - k) // 2)]
-                krylov.restart(rows[going], S[going].gather(2, keep[:, None, :].expand(len(keep), j, keep.shape[1])),
-                               theta[going].gather(1, keep))
-                restarts += 1
-            krylov.advance(scale, active, generators)
+    while True:
+        krylov.accept((yield krylov.pending()))
+        matvecs += 1
+        if bar is not None:
+            bar.advance(1)
+        # finished rows need no Ritz values; while none has finished, a slice (a view) selects them
+        rows = every if running else active.nonzero().flatten()
+        sel = slice(None) if running else rows
+        theta, S = krylov.ritz(sel)
+        r, j = len(rows), krylov.j
+        scale[sel] = torch.maximum(scale[sel], theta.abs().amax(dim=1))
+        residuals = krylov.beta[sel, None] * S[:, -1].abs()
+        order = _wanted(theta, which)
+        idx = order[:, :k]
+        values = theta.gather(1, idx)
+        if j == n:  # the bases span the whole space: the values are exact
+            errors = torch.zeros(r, k, dtype=torch.float64)
+            converged = torch.ones(r, dtype=torch.bool)
+        elif j >= k:
+            errors = _error_bounds(theta, residuals, idx)
+            converged = (errors <= tol * torch.maximum(values.abs(), tol * scale[sel, None])).all(dim=1) & (j > k)
+            if boundaries is not None:
+                short = boundaries[rows] - values[:, 0] if which == "top" else values[:, 0] - boundaries[rows]
+                converged |= (short > 2 * residuals.gather(1, idx)[:, 0]) & (j > k)
+        else:
+            errors = torch.full((r, k), float("inf"), dtype=torch.float64)
+            converged = torch.zeros(r, dtype=torch.bool)
+        done = converged | (matvecs >= budget[rows])
+        finished = done.nonzero().flatten().tolist()
+        for q in finished:
+            i = int(rows[q])
+            vectors = S[q][:, idx[q]].to(krylov.V).T @ krylov.V[i, :j]
+            results[i] = Eigenpairs(values[q], vectors.T.contiguous(), errors[q].clone(), bool(converged[q]),
+                                    matvecs, restarts, exact=(j == n))
+        if finished:
+            active[rows[done]] = False
+            running = False
+            if not bool(active.any()):
+                return results
+        if j == size:
+            going = ~done
+            keep = order[going, : min(j - 1, k + (size - k) // 2)]
+            krylov.restart(rows[going], S[going].gather(2, keep[:, None, :].expand(len(keep), j, keep.shape[1])),
+                           theta[going].gather(1, keep))
+            restarts += 1
+        krylov.advance(scale, active, generators)
 
 
 def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, steps: int
