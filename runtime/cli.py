@@ -88,14 +88,31 @@ SHOWN_AFTER_RUN = 20   # warnings (and failures) printed after a run; a big swee
 
 
 def capped(kind: str, messages: list[str], store: str) -> list[str]:
-    """``kind: message`` lines for the first :data:`SHOWN_AFTER_RUN` messages, then one line
-    that counts the rest and says where every one of them is kept."""
-    lines = [f"{kind}: {message}" for message in messages[:SHOWN_AFTER_RUN]]
-    if len(messages) > SHOWN_AFTER_RUN:
-        lines.append(f"{kind}: ... and {len(messages) - SHOWN_AFTER_RUN} more ({len(messages)} in all), kept in "
-                     f"their groups' `{'failed' if kind == 'failed' else 'warnings'}` attrs: "
-                     f"`basinprobe query {store}` lists every one")
+    """``kind: message`` lines: every message when there are at most :data:`SHOWN_AFTER_RUN`;
+    otherwise one line per kind of message (same entry, same text up to its numbers), its
+    first cell's, with how many more are like it, so that a rare warning is not buried under
+    a common one; then where every one of them is kept."""
+    if len(messages) <= SHOWN_AFTER_RUN:
+        return [f"{kind}: {message}" for message in messages]
+    alike: dict[str, list[str]] = {}
+    for message in messages:
+        alike.setdefault(_kind_of(message), []).append(message)
+    lines = [f"{kind}: {group[0]}" + (f"  [and {len(group) - 1} more like it]" if len(group) > 1 else "")
+             for group in list(alike.values())[:SHOWN_AFTER_RUN]]
+    if len(alike) > SHOWN_AFTER_RUN:
+        lines.append(f"{kind}: ... and {len(alike) - SHOWN_AFTER_RUN} more kinds")
+    lines.append(f"{kind}: {len(messages)} in all, kept in their groups' `{'failed' if kind == 'failed' else 'warnings'}` "
+                 f"attrs: `basinprobe query {store}` lists every one")
     return lines
+
+
+def _kind_of(message: str) -> str:
+    """``<cell> <entry>: <text>`` -> the entry and the text's opening words, numbers blanked."""
+    import re
+
+    where, _, text = message.partition(": ")
+    entry = where.rsplit(" ", 1)[-1]
+    return entry + ": " + re.sub(r"[-+]?\d[\d.e+-]*", "#", text)[:48]
 
 
 def _device_problem(name: str, dask: bool) -> str | None:

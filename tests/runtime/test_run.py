@@ -572,12 +572,18 @@ def test_a_failed_batch_reruns_each_cell_exactly_as_an_unbatched_run(write_spec,
     assert len(b.attrs["warnings"]) == 6 and len(reports[1].warnings) == 6  # once per cell, not per attempt
 
 
-def test_a_big_sweeps_warnings_are_counted_after_the_first_twenty():
+def test_a_big_sweeps_warnings_are_shown_once_per_kind_so_a_rare_one_is_not_buried():
     from basinprobe.runtime.cli import SHOWN_AFTER_RUN, capped
 
     few = capped("warning", ["a: x", "b: y"], "out.zarr")
     assert few == ["warning: a: x", "warning: b: y"]
-    many = capped("failed", [f"seed={i} eval: boom" for i in range(SHOWN_AFTER_RUN + 5)], "out.zarr")
-    assert many[:2] == ["failed: seed=0 eval: boom", "failed: seed=1 eval: boom"] and len(many) == SHOWN_AFTER_RUN + 1
-    assert many[-1] == (f"failed: ... and 5 more ({SHOWN_AFTER_RUN + 5} in all), kept in their groups' `failed` "
-                        "attrs: `basinprobe query out.zarr` lists every one")
+    common = [f"seed={i},checkpoint=10 hess: not near a minimum: a step lowers the loss by {i / 7:.3g}"
+              for i in range(40)]
+    rare = ["seed=3,checkpoint=20 llc: R-hat 1.43 > 1.1: the chains have not mixed"]
+    many = capped("warning", common[:30] + rare + common[30:], "out.zarr")
+    assert many == [
+        "warning: seed=0,checkpoint=10 hess: not near a minimum: a step lowers the loss by 0  [and 39 more like it]",
+        "warning: seed=3,checkpoint=20 llc: R-hat 1.43 > 1.1: the chains have not mixed",
+        "warning: 41 in all, kept in their groups' `warnings` attrs: `basinprobe query out.zarr` lists every one"]
+    kinds = capped("failed", [f"seed={i} e{i}: boom" for i in range(SHOWN_AFTER_RUN + 5)], "out.zarr")
+    assert len(kinds) == SHOWN_AFTER_RUN + 2 and kinds[-2] == "failed: ... and 5 more kinds"
