@@ -239,6 +239,18 @@ def _cell_result(trace, step_size, calibration, loss_star, grad_norm, *, params,
     if rhat > RHAT_WARNING:
         messages.append(f"R-hat of the loss is {rhat:.3f} > {RHAT_WARNING}: the chains have not mixed; "
                         "increase draws (or burn_in), or the step_size")
+    # Stationarity: chains that still drift away from w* (too short a burn-in, too weak a
+    # localization) give an llc that grows with the run's length. Compare the halves after burn-in.
+    half = kept.shape[1] // 2
+    drift_chain = nbeta * (kept[:, half:].mean(axis=1) - kept[:, :half].mean(axis=1))
+    drift = float(drift_chain.mean())
+    drift_stderr = float(drift_chain.std(ddof=1) / math.sqrt(len(drift_chain))) if len(drift_chain) >= 2 else math.nan
+    # 4 standard errors (few chains: a t with chains - 1 degrees of freedom has heavy tails) and 10%
+    drifting = math.isfinite(drift_stderr) and abs(drift) > 4 * drift_stderr and abs(drift) > 0.1 * abs(llc)
+    if drifting:
+        messages.append(f"the chains are still drifting: the second half of the draws after burn-in gives an llc "
+                        f"{drift:+.3g} (± {drift_stderr:.2g}) from the first's, so llc depends on the run's length; "
+                        "increase burn_in and draws, or localization")
     # At stationarity E‖∇U‖² = E[ΔU]; a gradient at w* above that thermal scale means w* is
     # not at the bottom of its basin at this temperature.
     thermal = float(trace.grad_norm_sq[alive][:, burn_in:].mean())
@@ -264,6 +276,14 @@ def _cell_result(trace, step_size, calibration, loss_star, grad_norm, *, params,
         "distance_trace": xr.DataArray(trace.distance.numpy(), dims=("chain", "draw"), attrs={
             "description": "Euclidean distance ‖w − w*‖ at each draw: how far the chain diffuses from w*",
             "units": "parameter norm", "burn_in": burn_in, "thin": thin, "nan_means": DIVERGED_AT}),
+        "llc_drift": xr.DataArray(drift, attrs={
+            "description": "llc from the second half of the draws after burn-in minus that from the first half, "
+                           "mean over chains: ≈ 0 at stationarity"}),
+        "llc_drift_stderr": xr.DataArray(drift_stderr, attrs={
+            "description": "standard error of llc_drift across chains", "nan_means": "one chain"}),
+        "mixed": xr.DataArray(bool(rhat <= RHAT_WARNING and not drifting), attrs={
+            "description": f"R-hat ≤ {RHAT_WARNING} and no drift between the halves after burn-in (|llc_drift| "
+                           "≤ 4 stderr or ≤ 10% of llc): false means llc is not yet to be trusted"}),
         "rhat": xr.DataArray(rhat, attrs={"description": "rank-normalized split R-hat of the loss after burn-in "
                                                          "(Vehtari et al. 2021), chains that did not diverge"}),
         "ess": xr.DataArray(ess, attrs={"description": "bulk effective sample size of the loss after burn-in, "

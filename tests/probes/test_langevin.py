@@ -118,6 +118,19 @@ def test_llc_of_linear_regression_is_half_the_dimension():
     assert abs(llc - d / 2) < 0.10 * d / 2
     assert 3 * stderr < 0.10 * d / 2
     assert ds.diverged.sum() == 0 and float(ds.rhat) < 1.1
+    assert bool(ds.mixed) and abs(float(ds.llc_drift)) < 4 * float(ds.llc_drift_stderr) + 0.1 * llc
+
+
+def test_chains_still_relaxing_from_w_star_are_marked_unmixed_and_warned_about():
+    # with no burn-in and a step far below the calibrated one, the chains climb from L(w*) toward
+    # their stationary level through the whole run: the second half's llc is higher
+    ctx = linear_regression()
+    ds, caught = run_with_warnings(ctx, step_size=1e-5, burn_in=0, draws=200)
+    # split R-hat sees the trend within the chains; llc_drift says how large it is in llc units
+    assert not bool(ds.mixed) and float(ds.rhat) > 1.1 and float(ds.llc_drift) > 2 * float(ds.llc_drift_stderr)
+    assert any(w.startswith("R-hat of the loss is") for w in caught)
+    long = run(ctx)   # the default calibrated step and burn-in: stationary, and far higher
+    assert bool(long.mixed) and float(long.llc) > 4 * float(ds.llc)
 
 
 def test_llc_of_linear_regression_with_minibatches_or_rmsprop_is_half_the_dimension():
@@ -228,6 +241,7 @@ def test_stored_variables_have_their_contracted_dims_and_attrs():
         "llc": (), "llc_stderr": (), "llc_chain": ("chain",), "loss_trace": ("chain", "draw"),
         "distance_trace": ("chain", "draw"), "rhat": (), "ess": (), "step_size": (), "nbeta": (),
         "diverged": ("chain",), "acceptance": ("chain",), "loss_at_wstar": (), "grad_norm_at_wstar": (),
+        "llc_drift": (), "llc_drift_stderr": (), "mixed": (),
         "calibration_step_size": ("calibration",), "calibration_acceptance": ("calibration",),
     }
     for name, expected in dims.items():
