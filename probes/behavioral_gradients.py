@@ -88,8 +88,16 @@ class BehavioralGradients(Probe):
 
     def cost(self, params, n_params, n_train):
         k = min(n_train, params.get("inputs") or DEFAULT_INPUTS)
-        # one backward per row (outputs unknown here: one per input), plus a dense Hessian when asked
-        return 3.0 * k + (4.0 * n_params * n_train if params.get("hessian_rank") else 0.0)
+        outputs = params.get("outputs", "all")
+        # rows: the plan does not know the model's outputs; "all" is counted as one per input, a
+        # lower bound (a 10-class classifier has ten times the rows)
+        rows = len(outputs) if isinstance(outputs, list) else 1
+        rows *= k
+        # a backward per row; the SVD of J (rows x n, ~4 rows² n flop = 2 rows² forward passes of
+        # 2n), again by blocks with per_layer; a dense Hessian when asked
+        svds = 2.0 if params.get("per_layer", True) else 1.0
+        return 3.0 * rows + svds * 2.0 * min(rows, n_params) ** 2 * max(rows, n_params) / n_params \
+            + (4.0 * n_params * n_train if params.get("hessian_rank") else 0.0)
 
     def run(self, ctx, params):
         if ctx.n_params == 0:

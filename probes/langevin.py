@@ -103,7 +103,9 @@ class Langevin(Probe):
     def cost(self, params, n_params, n_train):
         batch = n_train if params.get("batch_size", "full") == "full" else params["batch_size"]
         steps = params.get("draws", 400) * params.get("thin", 1)
-        return 3.0 * params.get("chains", 8) * steps * batch
+        calibration = CALIBRATION_CHAINS * CALIBRATION_STEPS * CALIBRATION_GRID * n_train   # full batch
+        return 3.0 * (params.get("chains", 8) * steps * batch
+                      + (calibration if params.get("step_size", AUTO) == AUTO else 0))
 
     def check(self, params, n_params, n_train):
         batch_size = None if params["batch_size"] == "full" else params["batch_size"]

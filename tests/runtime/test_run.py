@@ -400,6 +400,18 @@ def test_plan_estimates_the_cost_of_group_probes_too(write_spec, cli):
     assert code == 0 and re.search(r"; mc \d\.\d\de\+\d\d flop$", cost), cost
 
 
+def test_cost_estimates_count_langevins_calibration_and_the_jacobians_svd():
+    from basinprobe.probes.behavioral_gradients import BehavioralGradients
+    from basinprobe.probes.langevin import Langevin
+
+    llc = Langevin()
+    auto, fixed = llc.cost(llc.resolve({}), 1000, 500), llc.cost(llc.resolve({"step_size": 1e-3}), 1000, 500)
+    assert auto - fixed == 3.0 * 4 * 64 * 16 * 500   # 4 chains x 64 steps x 16 grid steps, full batch
+    bg = BehavioralGradients()
+    small, large = (bg.cost(bg.resolve({"inputs": k}), 100_000, 10_000) for k in (100, 1000))
+    assert large > 50 * small   # the SVD grows with the square of the rows
+
+
 def test_plot_draws_a_png(tiny_spec, cli, tmp_path):
     pytest.importorskip("matplotlib")
     assert cli("run", tiny_spec, "-q")[0] == 0
