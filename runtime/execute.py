@@ -210,7 +210,9 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
 
     store = RunStore(spec.output)
     try:
-        store.open_for(spec, recorded, spec.dtype, overwrite, versions)
+        amended = store.open_for(spec, recorded, spec.dtype, overwrite, versions, _entry_signatures(spec, registry))
+        if amended:
+            reporter.note(amended)
         if cluster is not None:
             cluster.check_store()
     except Exception:
@@ -277,6 +279,18 @@ def _sigint_held(reporter):
         yield held
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _entry_signatures(spec: Spec, registry: Registry) -> dict[str, str]:
+    """What each probe entry computes, by name: a store keeps an entry's results while this is
+    unchanged. A group-scoped entry's groups are keyed by its position, which it includes."""
+    signatures = {}
+    for index, entry in enumerate(spec.probes):
+        grouped = registry.probes[entry.probe].obj().scope == "group"
+        signatures[entry.name] = json.dumps({"probe": entry.probe, "params": entry.params,
+                                             "at": entry.at if isinstance(entry.at, str) else list(entry.at),
+                                             **({"position": index} if grouped else {})}, sort_keys=True, default=str)
+    return signatures
 
 
 def _units(plan: Plan) -> list[tuple[str, str]]:

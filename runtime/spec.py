@@ -33,6 +33,8 @@ RESERVED_DIMS = frozenset({"method", "tolerance", "drop", "indexers", "indexers_
 NOT_SWEEPABLE = ("version", "name", "sweep", "probes", "output", "execution", "dtype", "device")
 # what a spec's identity leaves out: how it is run, not what it computes
 NOT_IDENTITY = ("execution", "output")
+# what its training identity also leaves out: the probes, which a store may add, change or drop
+NOT_TRAINING = NOT_IDENTITY + ("probes",)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,16 @@ class Spec:
         how it is written (comments, layout, key order) or run (``execution:``, ``output:``);
         with the name and size of each checkpoint file its globs match, so that adding or
         replacing a file makes it another spec."""
-        content = {key: value for key, value in self.raw.items() if key not in NOT_IDENTITY}
+        return self._identity(NOT_IDENTITY)
+
+    @functools.cached_property
+    def training_sha256(self) -> str:
+        """:attr:`sha256` without the probes: specs that train (or load) the same models. A store
+        of one can be amended for another: its cells of unchanged probe entries are kept."""
+        return self._identity(NOT_TRAINING)
+
+    def _identity(self, left_out: tuple[str, ...]) -> str:
+        content = {key: value for key, value in self.raw.items() if key not in left_out}
         files_ = [(str(Path(f).relative_to(self.base_dir)) if Path(f).is_relative_to(self.base_dir) else f,
                    Path(f).stat().st_size) for f in _checkpoint_files_named(self.raw, self.base_dir)]
         return hashlib.sha256(json.dumps([content, files_], sort_keys=True).encode()).hexdigest()

@@ -99,17 +99,25 @@ class RunStore:
     def root_attrs(self) -> dict:
         return dict(self.root("r").attrs) if self.exists() else {}
 
-    def open_for(self, spec, device: str, dtype: str, overwrite: bool, versions: dict[str, str] | None = None) -> None:
+    def open_for(self, spec, device: str, dtype: str, overwrite: bool, versions: dict[str, str] | None = None,
+                 entries: dict[str, str] | None = None) -> str | None:
         """Create the store for ``spec``, or check that an existing one was made by the same spec
-        and the same ``versions`` of the code (see :func:`plan.code_versions`)."""
+        and the same ``versions`` of the code (see :func:`plan.code_versions`). A store of a spec
+        that differs only in its probe entries is amended: ``entries`` (name -> what the entry
+        computes) tells which to keep; the others' results are dropped. Returns what was amended."""
         if self.path.exists() and not self.path.is_dir():
             raise StoreMismatch(f"output {self.path} is an existing file, not a Zarr store")
-        versions = versions or {}
+        versions, entries = versions or {}, entries or {}
+        amended = None
         if self.exists():
             attrs = self.root_attrs()
             if "spec_sha256" not in attrs:
                 raise StoreMismatch(f"{self.path} is a Zarr store that basinprobe did not write; choose another "
                                     "output (--overwrite replaces only basinprobe's own stores)")
+            if (attrs.get("spec_sha256") != spec.sha256 and not overwrite and "entries" in attrs
+                    and attrs.get("training_sha256") == spec.training_sha256):
+                amended = self._amend(spec, attrs["entries"], entries)
+                attrs = self.root_attrs()
             if attrs.get("spec_sha256") == spec.sha256 and not overwrite:
                 changed = {name: (before, versions[name]) for name, before in attrs.get("code_versions", {}).items()
                            if name in versions and versions[name] != before}
@@ -121,7 +129,10 @@ class RunStore:
                         f"results in one store. Pass --overwrite to recompute it all with the installed versions, "
                         f"choose another output, or install {pins} to resume")
                 self._recover_swaps()
-                return
+                if amended:   # a plugin new to the store joins its record of versions
+                    recorded = attrs.get("code_versions", {})
+                    self.root().attrs["code_versions"] = {**versions, **recorded}
+                return amended
             if not overwrite:
                 raise StoreMismatch(
                     f"{self.path} holds results of a different spec (spec_sha256 {attrs.get('spec_sha256', '?')[:12]}, "
@@ -150,7 +161,40 @@ class RunStore:
             "dtype": dtype,
             "cell_dims": spec.cell_dims,
             "code_versions": dict(versions),
+            "training_sha256": spec.training_sha256,
+            "entries": dict(entries),
         })
+        return None
+
+    def _amend(self, spec, before: dict[str, str], now: dict[str, str]) -> str:
+        """Make the store one of ``spec``, which trains as the store's spec did and differs in
+        its probe entries: drop the results of entries it changes or leaves out, keep the rest."""
+        self._recover_swaps()
+        stale = sorted(name for name in before if now.get(name) != before[name])
+        for name in stale:
+            shutil.rmtree(self.path / name, ignore_errors=True)
+            for staged in (self.path / STAGING_CELLS).glob(f"*/{name}"):
+                shutil.rmtree(staged, ignore_errors=True)
+        ctx = _quiet()
+        try:
+            root = self.root()
+            if STATUS in root:
+                cells = dict(root[STATUS].attrs.get("cells", {}))
+                root[STATUS].attrs["cells"] = {key: record for key, record in cells.items()
+                                               if key.split("/", 1)[1] not in stale}
+            root.attrs.update({"spec": spec.text, "spec_sha256": spec.sha256, "spec_name": spec.name,
+                               "entries": dict(now), "cell_dims": spec.cell_dims})
+        finally:
+            ctx.__exit__(None, None, None)
+        changed = [name for name in stale if name in now]
+        dropped = [name for name in stale if name not in now]
+        added = sorted(name for name in now if name not in before)
+        kept = sorted(name for name in now if before.get(name) == now[name])
+        parts = [f"kept {', '.join(kept) or 'no entry'}"]
+        parts += [f"recomputing {', '.join(changed)} (changed)"] if changed else []
+        parts += [f"adding {', '.join(added)}"] if added else []
+        parts += [f"dropping {', '.join(dropped)} (no longer in the spec)"] if dropped else []
+        return f"{self.path}: the spec's probes changed and its training did not: " + "; ".join(parts)
 
     # --- staging -------------------------------------------------------------------------------
     def _staged_status(self, cells: list[str] | None = None) -> dict[tuple[str, str], dict]:

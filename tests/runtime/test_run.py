@@ -20,7 +20,9 @@ import zarr
 from basinprobe.registry import Probe, ProbeError, collect_registry_with, hookimpl, load_registry
 from basinprobe.runtime import open_results
 from basinprobe.runtime.execute import run_spec
+from basinprobe.runtime.progress import Reporter
 from basinprobe.runtime.spec import SpecError, load_spec
+from basinprobe.runtime.store import StoreMismatch
 from conftest import TINY_SPEC
 
 
@@ -164,6 +166,40 @@ def test_axes_sharing_a_last_key_are_named_by_the_keys_that_tell_them_apart(writ
     # another data seed is another data set: the untrained models' losses differ
     first = loss.sel(seed=0, checkpoint=0, split="train")
     assert first.sel(data_seed=3) != first.sel(data_seed=4)
+
+
+def test_a_store_is_amended_when_only_its_probes_change_without_training_again(write_spec, tmp_path, monkeypatch):
+    from basinprobe.runtime import execute
+
+    first = TINY_SPEC.replace("  - {name: eval, probe: evaluate}",
+                              "  - {name: eval, probe: evaluate}\n"
+                              "  - {name: hess, probe: hessian_spectrum, at: last, with: {top_k: 2}}\n"
+                              "  - {name: gone, probe: evaluate, at: first, with: {splits: [test]}}")
+    assert run_spec(load_spec(write_spec(first))).ok
+    second = TINY_SPEC.replace("  - {name: eval, probe: evaluate}",
+                               "  - {name: eval, probe: evaluate}\n"
+                               "  - {name: hess, probe: hessian_spectrum, at: last, with: {top_k: 3}}\n"
+                               "  - {name: norms, probe: behavioral_gradients, at: last, with: {inputs: 8}}")
+    monkeypatch.setattr(execute, "train", lambda *a, **k: pytest.fail("the models were trained again"))
+    notes = []
+    reporter = Reporter(quiet=True)
+    monkeypatch.setattr(reporter, "note", notes.append)
+    report = run_spec(load_spec(write_spec(second)), reporter=reporter)
+    assert report.ok and report.skipped == 6 and report.done == 2 + 2   # eval kept; hess and norms at 2 cells
+    assert notes[0].endswith("the spec's probes changed and its training did not: kept eval; recomputing hess "
+                             "(changed); adding norms; dropping gone (no longer in the spec)")
+    monkeypatch.undo()
+    amended = open_results(tmp_path / "out.zarr")
+    assert run_spec(load_spec(write_spec(second.replace("out.zarr", "fresh.zarr"), "fresh.yaml"))).ok
+    fresh = open_results(tmp_path / "fresh.zarr")
+    assert set(amended.children) == set(fresh.children) and "gone" not in amended.children
+    for name in ("eval", "hess", "norms", "_checkpoints"):
+        xr.testing.assert_identical(amended[name].to_dataset(), fresh[name].to_dataset())
+    assert amended.attrs["spec_sha256"] == fresh.attrs["spec_sha256"]
+    assert not any(key.endswith("/gone") for key in amended["_status"].attrs["cells"])
+    # training that changes is still another spec
+    with pytest.raises(StoreMismatch, match="different spec"):
+        run_spec(load_spec(write_spec(second.replace("lr: 0.1", "lr: 0.2"))))
 
 
 def test_dtype_and_device_cannot_be_swept(write_spec):
