@@ -365,13 +365,13 @@ def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store,
     started = time.perf_counter()
     try:
         result = check_result(probe.run(ctx, dict(entry.params)), entry.name, forbidden_dims)
-        error = None
+        error = trace = None
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one failing probe must not stop the other cells
         result, (error, trace) = None, _describe_failure(exc)
     _record(entry, key, coords, result, error, ctx.warnings, time.perf_counter() - started, store, reporter, report,
-            trace if error else None)
+            trace)
 
 
 def _record(entry, key, coords, result, error, warnings_, seconds, store, reporter, report, trace=None) -> None:

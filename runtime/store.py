@@ -114,11 +114,10 @@ class RunStore:
             if "spec_sha256" not in attrs:
                 raise StoreMismatch(f"{self.path} is a Zarr store that basinprobe did not write; choose another "
                                     "output (--overwrite replaces only basinprobe's own stores)")
-            if (attrs.get("spec_sha256") != spec.sha256 and not overwrite and "entries" in attrs
-                    and attrs.get("training_sha256") == spec.training_sha256):
-                amended = self._amend(spec, attrs["entries"], entries)
-                attrs = self.root_attrs()
-            if attrs.get("spec_sha256") == spec.sha256 and not overwrite:
+            amendable = (attrs.get("spec_sha256") != spec.sha256 and "entries" in attrs
+                         and attrs.get("training_sha256") == spec.training_sha256)
+            if (attrs.get("spec_sha256") == spec.sha256 or amendable) and not overwrite:
+                # versions first: a store that cannot be resumed is left exactly as it was
                 changed = {name: (before, versions[name]) for name, before in attrs.get("code_versions", {}).items()
                            if name in versions and versions[name] != before}
                 if changed:
@@ -129,9 +128,10 @@ class RunStore:
                         f"results in one store. Pass --overwrite to recompute it all with the installed versions, "
                         f"choose another output, or install {pins} to resume")
                 self._recover_swaps()
-                if amended:   # a plugin new to the store joins its record of versions
-                    recorded = attrs.get("code_versions", {})
-                    self.root().attrs["code_versions"] = {**versions, **recorded}
+                if amendable:
+                    amended = self._amend(spec, attrs["entries"], entries)
+                    # a plugin new to the store joins its record of versions
+                    self.root().attrs["code_versions"] = {**versions, **attrs.get("code_versions", {})}
                 return amended
             if not overwrite:
                 raise StoreMismatch(
@@ -169,7 +169,6 @@ class RunStore:
     def _amend(self, spec, before: dict[str, str], now: dict[str, str]) -> str:
         """Make the store one of ``spec``, which trains as the store's spec did and differs in
         its probe entries: drop the results of entries it changes or leaves out, keep the rest."""
-        self._recover_swaps()
         stale = sorted(name for name in before if now.get(name) != before[name])
         for name in stale:
             shutil.rmtree(self.path / name, ignore_errors=True)

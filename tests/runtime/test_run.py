@@ -180,6 +180,14 @@ def test_a_store_is_amended_when_only_its_probes_change_without_training_again(w
                                "  - {name: eval, probe: evaluate}\n"
                                "  - {name: hess, probe: hessian_spectrum, at: last, with: {top_k: 3}}\n"
                                "  - {name: norms, probe: behavioral_gradients, at: last, with: {inputs: 8}}")
+    # with another version of the code, the store is not amended: it is left exactly as it was
+    written = {f: f.read_bytes() for f in (tmp_path / "out.zarr").rglob("*") if f.is_file()}
+    upgraded = {**execute.code_versions(load_registry(), {}), "basinprobe": "99.0"}
+    monkeypatch.setattr(execute, "code_versions", lambda registry, components: upgraded)
+    with pytest.raises(StoreMismatch, match="installed: 99.0"):
+        run_spec(load_spec(write_spec(second)))
+    assert {f: f.read_bytes() for f in (tmp_path / "out.zarr").rglob("*") if f.is_file()} == written
+    monkeypatch.undo()
     monkeypatch.setattr(execute, "train", lambda *a, **k: pytest.fail("the models were trained again"))
     notes = []
     reporter = Reporter(quiet=True)
