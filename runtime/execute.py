@@ -376,7 +376,7 @@ def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store,
 
 def _record(entry, key, coords, result, error, warnings_, seconds, store, reporter, report, trace=None) -> None:
     label = f"{cell_label(coords)} {entry.name}".strip()
-    store.write_cell(key, entry.name, coords, result, error, warnings_, trace)
+    store.write_cell(key, entry.name, coords, result, error, warnings_, trace, seconds)
     report.warnings.extend(f"{label}: {w}" for w in warnings_)
     if error:
         report.failures.append(f"{label}: {error}")

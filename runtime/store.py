@@ -210,6 +210,7 @@ class RunStore:
                 "warnings": record.get("warnings", []), "staged": True,
                 **({"traceback": record["traceback"]} if record.get("traceback") else {}),
                 **({"probe_attrs": record["probe_attrs"]} if record.get("probe_attrs") else {}),
+                **({"seconds": record["seconds"]} if "seconds" in record else {}),
             }
         return status
 
@@ -228,14 +229,16 @@ class RunStore:
         return recorded
 
     def write_cell(self, cell_key: str, entry: str, coords: dict, result: xr.Dataset | None,
-                   error: str | None, warnings_: list[str], trace: str | None = None) -> None:
+                   error: str | None, warnings_: list[str], trace: str | None = None,
+                   seconds: float | None = None) -> None:
         """Stage a cell's result, or its failure (``error``, and the ``trace`` back to where it
-        was raised, kept in ``_status``)."""
+        was raised), with the ``seconds`` it took; the last two are kept in ``_status``."""
         ds = result if result is not None else xr.Dataset()
         _stage(self.path / STAGING_CELLS / cell_key / entry, ds, {
             "coords": _jsonable(coords), "status": "failed" if error else "done", "error": error,
             "warnings": list(warnings_), "probe_attrs": _jsonable(ds.attrs),
-            **({"traceback": trace} if trace else {})})
+            **({"traceback": trace} if trace else {}),
+            **({"seconds": round(seconds, 4)} if seconds is not None else {})})
 
     def read_staged_cell(self, cell_key: str, entry: str) -> tuple[xr.Dataset, dict]:
         ds, record = _read_stage(self.path / STAGING_CELLS / cell_key / entry)

@@ -308,6 +308,8 @@ def test_a_failure_inside_torch_names_the_probes_line_and_keeps_the_traceback(wr
     assert len(failed) == 6 and all(r["traceback"].startswith("Traceback") and "in run\n" in r["traceback"]
                                     for r in failed)
     assert not any("traceback" in record for key, record in cells.items() if key.endswith("/eval"))
+    # every cell's time is kept, failed or not
+    assert all(record["seconds"] >= 0 for record in cells.values())
 
 
 def test_probe_warnings_are_printed_once_with_their_cells_and_stored(write_spec, cli, tmp_path, recwarn):
