@@ -139,14 +139,20 @@ class BehavioralGradients(Probe):
         per_layer = params["per_layer"]
         n_chunks = -(-k // plan.chunk)
         passes = 1 + (len(ctx.param_names) if per_layer and plan.path == "gram" else 0)
-        with ctx.progress(n_chunks * passes, "behavioral gradients") as progress:
+        # the direct path's SVDs (of J, then of each layer's block) are steps of the bar too: on a
+        # large J they take longer than forming it
+        svds = (1 + (len(ctx.param_names) if per_layer else 0)) if plan.path == "direct" else 0
+        with ctx.progress(n_chunks * passes + svds, "behavioral gradients") as progress:
             if plan.path == "direct":
                 J = jac.jacobian(fn, theta, X, chunk=plan.chunk, mode=plan.mode, progress=progress)
                 _check_finite(J, "the Jacobian")
                 spectrum = jac.svd_spectrum(J, tol)
+                progress.advance(1)
                 columns = jac.Columns(theta)
-                layers = ({name: jac.svd_spectrum(J[:, columns.slice(name)], tol) for name in ctx.param_names}
-                          if per_layer else {})
+                layers = {}
+                for name in ctx.param_names if per_layer else ():
+                    layers[name] = jac.svd_spectrum(J[:, columns.slice(name)], tol)
+                    progress.advance(1)
                 del J
             else:
                 spectrum = jac.jacobian_spectrum(fn, theta, X, plan, rtol=tol, progress=progress)
