@@ -20,12 +20,13 @@ def _spec(args):
 def cmd_validate(args) -> int:
     from basinprobe.registry import load_registry
     from basinprobe.runtime.build import resolve_device, resolve_dtype
-    from basinprobe.runtime.execute import Workshop
+    from basinprobe.runtime.execute import Workshop, coordinator_device
     from basinprobe.runtime.plan import compile_plan
 
     spec = _spec(args)
     registry = load_registry()
     plan = compile_plan(spec, registry)
+    coordinator_device(spec, spec.device, spec.execution.get("executor", "local") == "dask")
     # build every distinct model and data set on the CPU, as run does before writing anything,
     # so that a spec valid here does not fail there (a factory that does not import, a model
     # that does not fit its data, an unreadable data file)

@@ -188,15 +188,7 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
     plan = compile_plan(spec, registry)
     on_dask = execution.get("executor", "local") == "dask"
     requested = device or spec.device
-    try:
-        torch_device = resolve_device(requested)
-        recorded = str(torch_device)
-    except BuildError as exc:
-        if not (on_dask and requested.startswith("cuda")):
-            raise SpecError([Problem(mark_of(spec.document, exc.path), exc.path, str(exc))]) from None
-        # A coordinator without a GPU may drive GPU workers, which are checked for one; its own
-        # work (preflight, group-scoped probes) runs on its CPU.
-        torch_device, recorded = torch.device("cpu"), requested
+    torch_device, recorded = coordinator_device(spec, requested, on_dask)
     dtype = resolve_dtype(spec.dtype)
     shop = Workshop(spec, registry, torch_device, dtype)
     shop.preflight(plan)
@@ -281,6 +273,20 @@ def _sigint_held(reporter):
         signal.signal(signal.SIGINT, previous)
 
 
+def coordinator_device(spec: Spec, requested: str, on_dask: bool) -> tuple[torch.device, str]:
+    """The device this process computes on, and the one the store records; a device this
+    machine lacks is an error at the spec's ``device:``."""
+    try:
+        torch_device = resolve_device(requested)
+        return torch_device, str(torch_device)
+    except BuildError as exc:
+        if not (on_dask and requested.startswith("cuda")):
+            raise SpecError([Problem(mark_of(spec.document, exc.path), exc.path, str(exc))]) from None
+        # A coordinator without a GPU may drive GPU workers, which are checked for one; its own
+        # work (preflight, group-scoped probes) runs on its CPU.
+        return torch.device("cpu"), requested
+
+
 def _entry_signatures(spec: Spec, registry: Registry) -> dict[str, str]:
     """What each probe entry computes, by name: a store keeps an entry's results while this is
     unchanged. A group-scoped entry's groups are keyed by its position, which it includes."""
@@ -336,6 +342,8 @@ def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) ->
     loss_fn = shop.loss(point)
     device, dtype = shop.device, shop.dtype
     trajectory, diverged = store.read_trajectory(point.key, point.coords, dtype), None
+    if trajectory is not None and set(point.steps) - set(trajectory):   # stopped early: say why again
+        diverged = store.point_layout(point.key, point.coords).get("diverged")
     if trajectory is None:
         try:
             trajectory = _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype)
@@ -347,6 +355,8 @@ def _point_state(point: PointPlan, shop: Workshop, store: RunStore, reporter) ->
                   "shapes": [list(p.shape) for _, p in model.named_parameters()]}
         if point.config.model.checkpoints:   # which file each checkpoint index was loaded from
             layout["files"] = list(point.config.model.checkpoints)
+        if diverged:
+            layout["diverged"] = diverged
         store.write_point(point.key, point.coords, trajectory, layout)
     return PointState(model, data.to(device, dtype), loss_fn, trajectory, diverged=diverged)
 

@@ -159,7 +159,10 @@ class Spec:
         return self._identity(NOT_TRAINING)
 
     def _identity(self, left_out: tuple[str, ...]) -> str:
-        content = {key: value for key, value in self.raw.items() if key not in left_out}
+        content = _with_defaults({key: value for key, value in self.raw.items() if key not in left_out},
+                                 base_schema())
+        if "sweep" in content:   # its axes' order numbers the points and orders the dims
+            content["sweep"] = [[path, values] for path, values in content["sweep"].items()]
         files_ = [(str(Path(f).relative_to(self.base_dir)) if Path(f).is_relative_to(self.base_dir) else f,
                    Path(f).stat().st_size) for f in _checkpoint_files_named(self.raw, self.base_dir)]
         return hashlib.sha256(json.dumps([content, files_], sort_keys=True).encode()).hexdigest()
@@ -187,6 +190,20 @@ class Spec:
     @property
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
+
+
+def _with_defaults(node, schema: dict):
+    """``node`` with the ``default`` of every property its schema gives one for, where the node
+    leaves it out (so that writing a default out is the same spec as leaving it out)."""
+    if not isinstance(node, dict) or schema.get("type") != "object":
+        return node
+    filled = dict(node)
+    for key, sub in schema.get("properties", {}).items():
+        if key in filled:
+            filled[key] = _with_defaults(filled[key], sub)
+        elif "default" in sub:
+            filled[key] = copy.deepcopy(sub["default"])
+    return filled
 
 
 def axis_dims(paths: list[str]) -> dict[str, str]:
@@ -452,7 +469,7 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
         dims[dim] = path
         seen = {}
         for j, value in enumerate(values):
-            label = coordinate_label(plain(value))
+            label = (type(plain(value)).__name__, coordinate_label(plain(value)))   # True is not 1
             if label in seen:   # one point twice: two cells would claim one coordinate
                 problems.append(Problem(mark_of(doc, ("sweep", path, j)), ("sweep", path, j),
                                         f"{plain(value)!r} is the same point as the axis's value number {seen[label] + 1} "
@@ -472,9 +489,14 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
             problems += _validate(trial, validator, mark_override=mark_of(doc, ("sweep", path, j)), errors=errors)
     if "output" in doc:
         written = os.path.expandvars(doc["output"])
-        out = base / Path(written).expanduser()
+        try:
+            out = base / Path(written).expanduser()
+        except RuntimeError:   # ~user of no such user
+            out, written = None, "$"
         if not doc["output"].strip() or "$" in written:
-            why = "is empty" if not doc["output"].strip() else f"names an unset environment variable ({written!r})"
+            why = ("is empty" if not doc["output"].strip() else
+                   f"names an unknown home folder ({doc['output']!r})" if out is None else
+                   f"names an unset environment variable ({written!r})")
             problems.append(Problem(mark_of(doc, ("output",)), ("output",),
                                     f"output {why}; give the store's path, e.g. results/{doc.get('name', 'run')}.zarr"))
         elif out.exists() and not out.is_dir():

@@ -130,8 +130,9 @@ class RunStore:
                 self._recover_swaps()
                 if amendable:
                     amended = self._amend(spec, attrs["entries"], entries)
-                    # a plugin new to the store joins its record of versions
-                    self.root().attrs["code_versions"] = {**versions, **attrs.get("code_versions", {})}
+                    # the versions of what the store now holds: the entries kept were computed with
+                    # these (checked above), a dropped entry's plugin no longer counts
+                    self.root().attrs["code_versions"] = dict(versions)
                 return amended
             if not overwrite:
                 raise StoreMismatch(
@@ -249,6 +250,17 @@ class RunStore:
         params = torch.stack([trajectory[s].detach().cpu().double() for s in steps]).numpy()
         ds = xr.Dataset({"params": (("checkpoint", "param"), params)}, coords={"checkpoint": steps})
         _stage(self.path / STAGING_POINTS / point_key, ds, {"coords": _jsonable(coords), "layout": layout})
+
+    def point_layout(self, point_key: str, coords: dict) -> dict:
+        """What was recorded with a sweep point's checkpoints (names, shapes, files, and why its
+        training stopped early), from staging or the assembled group; {} if nothing."""
+        staged = self.path / STAGING_POINTS / point_key / STAGE_META
+        if staged.is_file():
+            return json.loads(staged.read_text()).get("layout", {})
+        if (self.path / CHECKPOINTS / "zarr.json").is_file():
+            layouts = self.root("r")[CHECKPOINTS].attrs.get("layouts", "{}")
+            return json.loads(layouts).get(cell_label(coords), {})
+        return {}
 
     def read_trajectory(self, point_key: str, coords: dict, dtype: torch.dtype) -> dict[int, torch.Tensor] | None:
         """The stored checkpoints of a sweep point, from staging or the assembled group."""
@@ -535,8 +547,11 @@ def _combine(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict,
     ``dims``: sweep dims in ``order``, checkpoints ascending, NaN where a cell is missing. The
     coordinates of ``failed`` cells keep their place (as NaN), so that a group whose every cell
     at some coordinate failed keeps the shape of its neighbours."""
-    if not cells:
-        return xr.Dataset()
+    if not cells:   # every cell failed: the group still has their coordinates
+        present = [d for d in dims if any(d in coords for coords in failed)]
+        labels = {d: {coords[d] for coords in failed if d in coords} for d in present}
+        return xr.Dataset(coords={d: [v for v in order[d] if v in labels[d]] if d in order else sorted(labels[d])
+                                  for d in present})
     aligned = _combine_alike(cells, dims, order, failed)
     if aligned is not None:
         return aligned

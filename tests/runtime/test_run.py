@@ -153,9 +153,19 @@ def test_comments_layout_and_execution_do_not_make_another_spec(tiny_spec, cli, 
     assert cli("run", tiny_spec, "-q")[0] == 0
     text = tiny_spec.read_text()
     edited = "# the same spec, reformatted\n" + text.replace("seed: 0\n", "seed: 0   # of the model\n")
-    tiny_spec.write_text(edited + "execution: {batch_cells: true}\n")
+    # a default written out is the same spec as one left out
+    tiny_spec.write_text(edited + "execution: {batch_cells: true}\ndtype: float32\n")
     code, out, err = cli("run", tiny_spec, "-q")
     assert code == 0 and "0 cell results written, 6 kept" in out
+
+
+def test_the_order_of_sweep_axes_is_part_of_the_spec(write_spec, cli):
+    # the order numbers the sweep points and orders the dims: resuming across it lost a point
+    two = TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep: {seed: [0, 1], data.seed: [3, 4]}")
+    assert cli("run", write_spec(two), "-q")[0] == 0
+    code, out, err = cli("run", write_spec(two.replace("{seed: [0, 1], data.seed: [3, 4]}",
+                                                       "{data.seed: [3, 4], seed: [0, 1]}")), "-q")
+    assert code == 2 and "different spec" in err
 
 
 def test_axes_sharing_a_last_key_are_named_by_the_keys_that_tell_them_apart(write_spec, cli, tmp_path):
@@ -205,6 +215,7 @@ def test_a_store_is_amended_when_only_its_probes_change_without_training_again(w
         xr.testing.assert_identical(amended[name].to_dataset(), fresh[name].to_dataset())
     assert amended.attrs["spec_sha256"] == fresh.attrs["spec_sha256"]
     assert not any(key.endswith("/gone") for key in amended["_status"].attrs["cells"])
+    assert amended.attrs["code_versions"] == fresh.attrs["code_versions"]
     # training that changes is still another spec
     with pytest.raises(StoreMismatch, match="different spec"):
         run_spec(load_spec(write_spec(second.replace("lr: 0.1", "lr: 0.2"))))
@@ -339,10 +350,13 @@ def test_diverging_training_fails_its_cells_with_advice(write_spec, cli, tmp_pat
     loss = open_results(tmp_path / "out.zarr")["eval"]["loss"]
     assert np.isfinite(loss.sel(checkpoint=0)).all() and np.isnan(loss.sel(checkpoint=200)).all()
     assert err.count("no checkpoint at step 200: training diverged at step") == 2
-    # a rerun retries the failed cells from the stored checkpoints, without training again
+    # a rerun retries the failed cells from the stored checkpoints, without training again, and
+    # says why they have none as the first run did
+    first = err.count("no checkpoint at step 200: training diverged at step")
     code, out, err = cli("run", spec, "-q")
     assert code == 1 and "2 kept from an earlier run" in out
-    assert err.count("no checkpoint at step 200: training diverged before it (stored checkpoints end at step 0)") == 2
+    assert err.count("no checkpoint at step 200: training diverged at step") == first == 2
+    assert "lower train.optimizer.lr (now 50.0)" in err
 
 
 def test_cells_before_a_divergence_are_measured_and_match_an_undiverged_run(write_spec, tmp_path, monkeypatch):
@@ -480,6 +494,14 @@ def test_plot_draws_variables_along_text_coordinates(write_spec, cli, tmp_path):
         png = tmp_path / f"{name}.png"
         code, out, err = cli("plot", store, "eval/loss", *[a for s in sel for a in ("--sel", s)], "-o", png)
         assert code == 0 and png.read_bytes()[:4] == b"\x89PNG", err
+
+
+def test_validate_refuses_a_device_this_machine_lacks_as_run_does(write_spec, cli):
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    path = write_spec(TINY_SPEC.replace("device: cpu", f"device: {missing}"))
+    for command in ("validate", "run"):
+        code, out, err = cli(command, path)
+        assert code == 2 and f"at device: device '{missing}' was asked for but" in err, command
 
 
 def test_a_bad_device_option_is_an_error_about_the_option(tiny_spec, cli, tmp_path):

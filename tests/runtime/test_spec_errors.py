@@ -170,6 +170,17 @@ def test_an_output_that_names_no_place_is_refused(write_spec, monkeypatch, outpu
     assert problems[0].mark.line == 8
 
 
+def test_an_output_under_an_unknown_home_folder_is_refused(write_spec):
+    _, problems = problems_of(write_spec, GOOD.replace("output: out.zarr", "output: ~no_such_user_here/x.zarr"))
+    assert [p.path for p in problems] == [("output",)]
+    assert problems[0].message.startswith("output names an unknown home folder ('~no_such_user_here/x.zarr')")
+
+
+def test_true_is_not_a_repeat_of_one_but_a_wrong_type(write_spec):
+    _, problems = problems_of(write_spec, GOOD + "sweep: {seed: [1, true]}\n")
+    assert [p.message for p in problems] == ["expected integer, got True"]
+
+
 def test_an_output_under_home_or_a_variable_goes_there(write_spec, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("BASINPROBE_RESULTS", str(tmp_path / "elsewhere"))

@@ -162,3 +162,6 @@ def test_querying_a_group_whose_every_cell_failed_says_so(write_spec, tmp_path, 
                           "cannot measure seed 1" in err
     code, out, _ = cli("query", str(tmp_path / "out.zarr"))
     assert code == 0 and out.count("FAILED seed=1") == 3
+    # the group still has its cells' coordinates
+    half = open_results(tmp_path / "out.zarr")["half"].to_dataset()
+    assert half["seed"].values.tolist() == [1] and half["checkpoint"].values.tolist() == [0, 10, 20]
