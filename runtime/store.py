@@ -171,10 +171,9 @@ class RunStore:
         """Make the store one of ``spec``, which trains as the store's spec did and differs in
         its probe entries: drop the results of entries it changes or leaves out, keep the rest."""
         stale = sorted(name for name in before if now.get(name) != before[name])
-        for name in stale:
-            shutil.rmtree(self.path / name, ignore_errors=True)
-            for staged in (self.path / STAGING_CELLS).glob(f"*/{name}"):
-                shutil.rmtree(staged, ignore_errors=True)
+        # the record first, then the files: a run killed in between leaves a store of the new spec
+        # whose changed groups are recomputed by the next run (a dropped entry's folder may stay
+        # behind), never one whose record claims results it has lost
         ctx = _quiet()
         try:
             root = self.root()
@@ -186,6 +185,10 @@ class RunStore:
                                "entries": dict(now), "cell_dims": spec.cell_dims})
         finally:
             ctx.__exit__(None, None, None)
+        for name in stale:
+            shutil.rmtree(self.path / name, ignore_errors=True)
+            for staged in (self.path / STAGING_CELLS).glob(f"*/{name}"):
+                shutil.rmtree(staged, ignore_errors=True)
         changed = [name for name in stale if name in now]
         dropped = [name for name in stale if name not in now]
         added = sorted(name for name in now if name not in before)
