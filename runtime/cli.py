@@ -181,6 +181,16 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from basinprobe.runtime.results import export_checkpoints, open_results
+
+    written = export_checkpoints(open_results(args.store), args.out, args.sel)
+    folders = sorted({str(path.parent) for path in written})
+    print(f"{len(written)} checkpoints written as state_dicts in {len(folders)} folders under {args.out}"
+          + (f" (e.g. model.checkpoints: [\"{folders[0]}/step_*.pt\"])" if folders else ""))
+    return 0
+
+
 def cmd_probes(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -238,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sel", action="append", default=[], metavar="DIM=VALUE")
     p.add_argument("-o", "--output")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("export", help="write a store's checkpoints as state_dict files for model.checkpoints")
+    p.add_argument("store")
+    p.add_argument("out", help="folder: one subfolder per sweep point, step_<checkpoint>.pt in each")
+    p.add_argument("--sel", action="append", default=[], metavar="DIM=VALUE")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("probes", help="list installed probes, models, datasets and losses")
     p.set_defaults(func=cmd_probes)
     p = sub.add_parser("schema", help="print the merged JSON Schema of the spec language")

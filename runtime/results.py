@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -104,6 +105,48 @@ def format_values(obj, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(json.loads(frame.to_json(orient="records")), indent=1)
     return frame.to_string(index=False)
+
+
+def export_checkpoints(tree: xr.DataTree, out: str | Path, sel: list[str]) -> list[Path]:
+    """Every stored checkpoint as a ``state_dict`` file, ``OUT/<sweep point>/step_<checkpoint>.pt``,
+    which a spec's ``model.checkpoints`` loads: a study's trained models reused by another spec.
+    ``sel`` (``dim=value``) narrows the sweep points. Parameters only: a model with buffers
+    (batch-norm statistics) cannot be rebuilt from them."""
+    import re
+
+    import torch
+
+    if "_checkpoints" not in tree.children:
+        raise ResultsError("the store holds no checkpoints (its run wrote no `_checkpoints` group)")
+    group = select(tree, "_checkpoints", sel)
+    layouts = json.loads(tree["_checkpoints"].attrs.get("layouts", "{}"))
+    sweep_dims = [d for d in tree.attrs.get("cell_dims", []) if d != "checkpoint"]
+    free = [d for d in sweep_dims if d in group["params"].dims]   # the others were selected
+    written = []
+    for values in itertools.product(*(group[d].values.tolist() for d in free)):
+        point = group.sel(dict(zip(free, values)))
+        coords = {d: point[d].item() for d in sweep_dims}
+        label = ",".join(f"{k}={v}" for k, v in coords.items())
+        layout = layouts.get(label, {})
+        n = int(point["n_params"])
+        if not n or not layout.get("names"):
+            continue   # a point that was never trained
+        # a folder name a glob reads literally: no brackets, commas or spaces
+        folder = Path(out) / (re.sub(r"[^A-Za-z0-9=._-]+", "_", label.replace(",", "__")) or "model")
+        folder.mkdir(parents=True, exist_ok=True)
+        for step in point["checkpoint"].values:
+            flat = point["params"].sel(checkpoint=step).values[:n]
+            if np.isnan(flat).all():
+                continue   # a checkpoint this point never reached
+            tensors, offset = {}, 0
+            for name, shape in zip(layout["names"], layout["shapes"]):
+                size = int(np.prod(shape)) if shape else 1
+                tensors[name] = torch.from_numpy(flat[offset:offset + size].copy()).reshape(shape)
+                offset += size
+            path = folder / f"step_{int(step)}.pt"
+            torch.save(tensors, path)
+            written.append(path)
+    return written
 
 
 def plot(obj: xr.DataArray, out: str | Path) -> Path:

@@ -523,6 +523,22 @@ def test_query_into_a_closed_pipe_exits_quietly(tiny_spec, cli, tmp_path):
     assert reader.wait() == 0 and "BrokenPipeError" not in err, err
 
 
+def test_exported_checkpoints_load_into_another_spec_as_the_same_models(tiny_spec, write_spec, cli, tmp_path):
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    code, out, err = cli("export", str(tmp_path / "out.zarr"), str(tmp_path / "exported"), "--sel", "seed=1")
+    assert code == 0 and "3 checkpoints written as state_dicts in 1 folders" in out
+    assert sorted(p.name for p in (tmp_path / "exported" / "seed=1").iterdir()) == ["step_0.pt", "step_10.pt",
+                                                                                     "step_20.pt"]
+    # a spec that loads them (no training) measures what the training run's cells measured
+    loaded = TINY_SPEC.replace("train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}\n",
+                               "").replace("sweep: {seed: [0, 1]}\n", "seed: 1\n").replace(
+        "activation: tanh}}", "activation: tanh}, checkpoints: ['exported/seed=1/step_*.pt']}").replace(
+        "out.zarr", "loaded.zarr").replace("seed: 0\n", "")
+    assert cli("run", write_spec(loaded, "loaded.yaml"), "-q")[0] == 0
+    trained = open_results(tmp_path / "out.zarr")["eval"]["loss"].sel(seed=1).values
+    np.testing.assert_array_equal(open_results(tmp_path / "loaded.zarr")["eval"]["loss"].values, trained)
+
+
 def test_untrained_model_is_checkpoint_zero(write_spec, cli, tmp_path):
     text = TINY_SPEC.replace("train: {optimizer: {kind: sgd, lr: 0.1}, steps: 20, checkpoints: {at: [0, 10, 20]}}\n", "")
     assert cli("run", write_spec(text), "-q")[0] == 0
