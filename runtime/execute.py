@@ -422,9 +422,10 @@ def run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, r
         entries = [e for e in cell.entries if (cell.key, e.name) in pending]
         if not entries:
             continue
-        if state.unreached(cell.checkpoint):
+        unreached = state.unreached(cell.checkpoint)
+        if unreached:
             _fail_all({(cell.key, e.name) for e in entries}, {cell.key: cell.coords}, store, reporter, report,
-                      state.unreached(cell.checkpoint))
+                      unreached)
             continue
         ctx = _cell_context(point, state, cell.checkpoint, shop, reporter)
         for entry in entries:
@@ -475,9 +476,9 @@ def _run_batch(batch: list, spec, shop: Workshop, store: RunStore, reporter, rep
     for point, cell, _ in batch:
         if point.key not in states:
             states[point.key] = _point_state(point, shop, store, reporter)
-        if states[point.key].unreached(cell.checkpoint):
-            _fail_all({(cell.key, entry.name)}, {cell.key: cell.coords}, store, reporter, report,
-                      states[point.key].unreached(cell.checkpoint))
+        unreached = states[point.key].unreached(cell.checkpoint)
+        if unreached:
+            _fail_all({(cell.key, entry.name)}, {cell.key: cell.coords}, store, reporter, report, unreached)
             continue
         ctx = _cell_context(point, states[point.key], cell.checkpoint, shop, reporter)
         ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
@@ -508,10 +509,11 @@ def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter
         if point.key not in states:
             states[point.key] = _point_state(point, shop, store, reporter)
         state = states[point.key]
-        if state.unreached(step):
+        unreached = state.unreached(step)
+        if unreached:
             where = cell_label(point.coords)
             _fail_all({(group.key, group.entry.name)}, {group.key: group.coords}, store, reporter, report,
-                      f"member {where}: {state.unreached(step)}" if where else state.unreached(step))
+                      f"member {where}: {unreached}" if where else unreached)
             return
         members.append(Member({**point.coords, "checkpoint": step}, step,
                               lambda p=point, st=state, c=step: _cell_context(p, st, c, shop, reporter)))

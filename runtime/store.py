@@ -445,9 +445,12 @@ def _explain_gaps(group: xr.Dataset, cells: list[tuple[xr.Dataset, dict]], faile
         var = group.variables[name]
         if var.dtype.kind not in "fc":
             continue
-        stored = [ds.variables[name] for ds, _ in cells if name in ds.data_vars]
         reasons = set(carried.get(name, ()))
-        if int(var.isnull().sum()) > sum(int(v.isnull().sum()) for v in stored):
+        missing = int(np.isnan(var.values).sum())
+        # the cells' own NaN are counted only where the group has some (numpy, not xarray: this
+        # runs for every variable of every cell of a sweep of thousands)
+        stored = [ds.variables[name] for ds, _ in cells if name in ds.data_vars] if missing else []
+        if missing and missing > sum(int(np.isnan(v.values).sum()) for v in stored):
             if failed:
                 reasons.add(FAILED_CELL)
             if len(stored) < len(cells):
