@@ -67,7 +67,7 @@ class Probe:
         the model's ``n_params`` and the training set's ``n_train`` examples. Raise
         ``ProbeError`` naming the fix; it is reported at the entry's ``with:`` line. Called by
         ``validate``, ``plan`` and ``run`` before anything runs, once per distinct model and
-        data set of the sweep."""
+        data set of the sweep, and for an entry with its own sweep once per point of it."""
 
     def artifact_requests(self, params: dict[str, Any]) -> list[tuple[str, dict]]:
         """The shared artifacts a run with ``params`` will request, for the plan."""

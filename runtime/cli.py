@@ -68,7 +68,8 @@ def cmd_plan(args) -> int:
     for cell in plan.cells[: args.max_cells]:
         shared = "; ".join(f"{node} <- {', '.join(by)}" + (" [shared]" if len(by) > 1 else "")
                            for node, by in cell.artifacts.items()) or "-"
-        cells.add_row(cell.key, ", ".join(e.name for e in cell.entries), shared)
+        cells.add_row(cell.key, ", ".join(e.name + (f" x{len(e.runs())} ({', '.join(e.dims)})" if e.sweep else "")
+                                          for e in cell.entries), shared)
     console.print(cells)
     if len(plan.cells) > args.max_cells:
         console.print(f"... and {len(plan.cells) - args.max_cells} more cells")

@@ -181,9 +181,14 @@ class GroupContext:
     def __init__(self, members: list[Member], coords: dict, spanned: list[str], *, device, dtype, seed: int,
                  progress_factory: Callable = null_progress):
         self.members, self.coords, self.spanned = members, dict(coords), list(spanned)
-        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.device, self.dtype = torch.device(device), dtype
         self._progress_factory = progress_factory
+        self.begin_entry(seed)
+
+    def begin_entry(self, seed: int) -> None:
+        """Start a run: its own seeded generator, its own warnings."""
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.warnings: list[str] = []
 
     def progress(self, total: int, description: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -22,8 +23,8 @@ from basinprobe.runtime.build import (BuildError, build_data, build_model, flat_
 from basinprobe.runtime.context import CellContext, GroupContext, Member, derive_seed
 from basinprobe.runtime.plan import GroupPlan, Plan, PointPlan, code_versions, compile_plan, components_of
 from basinprobe.runtime.progress import Reporter
-from basinprobe.runtime.spec import RESERVED_DIMS, Problem, Spec, SpecError
-from basinprobe.runtime.store import RunStore, cell_label
+from basinprobe.runtime.spec import RESERVED_DIMS, Problem, Spec, SpecError, coordinate_label
+from basinprobe.runtime.store import RunStore, cell_label, combine_runs
 from basinprobe.runtime.train import TrainingDiverged, train
 from basinprobe.runtime.yamlio import mark_of
 
@@ -104,11 +105,12 @@ class Workshop:
             first_point.setdefault(sizes[point.key], point)
         for index, entry in enumerate(self.spec.probes):
             probe = self.registry.probes[entry.probe].obj()
-            for (n_params, n_train), point in first_point.items():
+            for ((n_params, n_train), point), (own, params) in itertools.product(first_point.items(), entry.runs()):
                 try:
-                    probe.check(dict(entry.params), n_params, n_train)
+                    probe.check(dict(params), n_params, n_train)
                 except ProbeError as exc:
                     where = f"at sweep point {cell_label(point.coords)}: " if len(first_point) > 1 else ""
+                    where += f"at {cell_label(own)}: " if own else ""
                     path = ("probes", index, "with")
                     raise SpecError([Problem(mark_of(self.spec.document, path), path, where + str(exc))]) from None
 
@@ -294,6 +296,7 @@ def _entry_signatures(spec: Spec, registry: Registry) -> dict[str, str]:
     for index, entry in enumerate(spec.probes):
         grouped = registry.probes[entry.probe].obj().scope == "group"
         signatures[entry.name] = json.dumps({"probe": entry.probe, "params": entry.params,
+                                             "sweep": [[axis.path, list(axis.values)] for axis in entry.sweep],
                                              "at": entry.at if isinstance(entry.at, str) else list(entry.at),
                                              **({"position": index} if grouped else {})}, sort_keys=True, default=str)
     return signatures
@@ -370,11 +373,35 @@ def _cell_context(point: PointPlan, state: PointState, checkpoint: int, shop: Wo
                        progress_factory=reporter.task, compile=bool(shop.spec.execution.get("compile", False)))
 
 
-def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, store, reporter, report) -> None:
+def measure(entry, contexts: list, seeds: list[int], forbidden_dims, run) -> list[xr.Dataset]:
+    """``run(params)`` (one Dataset per context) once per point of the entry's own sweep, each
+    time from the entry's seed afresh: the points differ in their parameters only, not in their
+    random numbers. Each context gets its results checked and labelled along the entry's sweep
+    dims, and keeps each run's warnings (named by the point, where the entry has a sweep)."""
+    forbidden = list(forbidden_dims) + entry.dims
+    runs = entry.runs()
+    results = [[] for _ in contexts]
+    warned = [[] for _ in contexts]
+    for coords, params in runs:
+        for ctx, seed in zip(contexts, seeds):
+            ctx.begin_entry(seed)
+        for k, (ctx, result) in enumerate(zip(contexts, run(dict(params)))):
+            results[k].append((check_result(result, entry.name, forbidden), coords))
+            warned[k] += [f"{cell_label(coords)}: {w}" if coords else w for w in ctx.warnings]
+    for ctx, warnings_ in zip(contexts, warned):
+        ctx.warnings = warnings_
+    if not entry.sweep:
+        return [pieces[0][0] for pieces in results]
+    axes = {axis.dim: [coordinate_label(v) for v in axis.values] for axis in entry.sweep}
+    return [combine_runs(pieces, axes) for pieces in results]
+
+
+def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, seed: int, store, reporter,
+               report) -> None:
     """Run one probe entry on one cell (or group), write its result or its failure at once."""
     started = time.perf_counter()
     try:
-        result = check_result(probe.run(ctx, dict(entry.params)), entry.name, forbidden_dims)
+        result, = measure(entry, [ctx], [seed], forbidden_dims, lambda params: [probe.run(ctx, params)])
         error = trace = None
     except KeyboardInterrupt:
         raise
@@ -429,9 +456,8 @@ def run_point(point: PointPlan, spec, shop: Workshop, store: RunStore, status, r
             continue
         ctx = _cell_context(point, state, cell.checkpoint, shop, reporter)
         for entry in entries:
-            ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
             _run_entry(shop.registry.probes[entry.probe].obj(), ctx, entry, cell.key, cell.coords, spec.cell_dims,
-                       store, reporter, report)
+                       derive_seed(ctx.cell_seed, entry.name), store, reporter, report)
 
 
 def run_points(points: list[PointPlan], spec, shop: Workshop, store: RunStore, status, reporter, report,
@@ -480,23 +506,21 @@ def _run_batch(batch: list, spec, shop: Workshop, store: RunStore, reporter, rep
         if unreached:
             _fail_all({(cell.key, entry.name)}, {cell.key: cell.coords}, store, reporter, report, unreached)
             continue
-        ctx = _cell_context(point, states[point.key], cell.checkpoint, shop, reporter)
-        ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
-        members.append((cell, ctx))
+        members.append((cell, _cell_context(point, states[point.key], cell.checkpoint, shop, reporter)))
     if not members:
         return
     probe = shop.registry.probes[entry.probe].obj()
+    contexts = [ctx for _, ctx in members]
+    seeds = [derive_seed(ctx.cell_seed, entry.name) for ctx in contexts]
     started = time.perf_counter()
     try:
-        results = probe.run_batched([ctx for _, ctx in members], dict(entry.params))
-        results = [check_result(r, entry.name, spec.cell_dims) for r in results]
+        results = measure(entry, contexts, seeds, spec.cell_dims, lambda params: probe.run_batched(contexts, params))
     except KeyboardInterrupt:
         raise
     except Exception:  # a failure inside a batch is attributed cell by cell, unbatched
-        for cell, ctx in members:
+        for (cell, ctx), seed in zip(members, seeds):
             # afresh, as a run without batching: the batch may have drawn from the generator and warned
-            ctx.begin_entry(derive_seed(ctx.cell_seed, entry.name))
-            _run_entry(probe, ctx, entry, cell.key, cell.coords, spec.cell_dims, store, reporter, report)
+            _run_entry(probe, ctx, entry, cell.key, cell.coords, spec.cell_dims, seed, store, reporter, report)
         return
     seconds = (time.perf_counter() - started) / len(members)
     for (cell, ctx), result in zip(members, results):
@@ -517,11 +541,12 @@ def _run_group(group: GroupPlan, spec, shop: Workshop, store: RunStore, reporter
             return
         members.append(Member({**point.coords, "checkpoint": step}, step,
                               lambda p=point, st=state, c=step: _cell_context(p, st, c, shop, reporter)))
-    ctx = GroupContext(members, group.coords, group.spanned, device=shop.device, dtype=shop.dtype,
-                       seed=derive_seed(spec.raw.get("seed", 0), group.key, group.entry.name), progress_factory=reporter.task)
+    seed = derive_seed(spec.raw.get("seed", 0), group.key, group.entry.name)
+    ctx = GroupContext(members, group.coords, group.spanned, device=shop.device, dtype=shop.dtype, seed=seed,
+                       progress_factory=reporter.task)
     forbidden = [d for d in spec.cell_dims if d not in group.spanned]
     _run_entry(shop.registry.probes[group.entry.probe].obj(), ctx, group.entry, group.key, group.coords, forbidden,
-               store, reporter, report)
+               seed, store, reporter, report)
 
 
 def _make_trajectory(point, shop, model, data, loss_fn, reporter, device, dtype) -> dict[int, torch.Tensor]:

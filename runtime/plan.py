@@ -129,10 +129,13 @@ def compile_plan(spec: Spec, registry: Registry | None = None) -> Plan:
             cell = CellPlan(f"{point_key}-c{step}", {**coords, "checkpoint": step}, step, entries)
             for entry in entries:
                 probe = registry.probes[entry.probe].obj()
-                for name, kwargs in probe.artifact_requests(entry.params):
-                    kwargs = _artifact_arguments(spec, entry, name, kwargs)
-                    node = f"{name}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
-                    cell.artifacts.setdefault(node, []).append(entry.name)
+                for _, params in entry.runs():
+                    for name, kwargs in probe.artifact_requests(params):
+                        kwargs = _artifact_arguments(spec, entry, name, kwargs)
+                        node = f"{name}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
+                        requesting = cell.artifacts.setdefault(node, [])
+                        if entry.name not in requesting:
+                            requesting.append(entry.name)
             cells.append(cell)
         points.append(PointPlan(point_key, index, coords, config, steps, cells, _data_node(config), source))
     if problems:
@@ -156,10 +159,16 @@ def _artifact_arguments(spec: Spec, entry: ProbeEntry, name: str, kwargs: dict) 
 def _groups_of(spec: Spec, index: int, entry: ProbeEntry, points: list[PointPlan], registry) -> list[GroupPlan]:
     probe = registry.probes[entry.probe].obj()
     try:
-        spanned = list(probe.spans(entry.params, spec.cell_dims))
+        spans = {json.dumps(probe.spans(params, spec.cell_dims)) for _, params in entry.runs()}
     except ProbeError as exc:
         path = ("probes", index, "with")
         raise SpecError([Problem(mark_of(spec.document, path), path, str(exc))]) from None
+    if len(spans) > 1:   # the runs of one group must share its members
+        path = ("probes", index, "sweep")
+        raise SpecError([Problem(mark_of(spec.document, path), path,
+                                 f"{entry.name!r} would span other cell dims for different values of its sweep "
+                                 f"({' vs '.join(sorted(spans))}); write one entry per value")])
+    spanned = json.loads(spans.pop())
     unknown = [d for d in spanned if d not in spec.cell_dims]
     if unknown:
         path = ("probes", index, "with")
@@ -191,12 +200,12 @@ def estimate_cost(plan: Plan, n_params: dict[str, int], n_train: dict[str, int],
         for cell in point.cells:
             for entry in cell.entries:
                 probe = registry.probes[entry.probe].obj()
-                per_entry[entry.name] = per_entry.get(entry.name, 0.0) + 2.0 * n * probe.cost(
-                    entry.params, n, n_train[point.key])
+                per_entry[entry.name] = per_entry.get(entry.name, 0.0) + 2.0 * n * sum(
+                    probe.cost(params, n, n_train[point.key]) for _, params in entry.runs())
     for group in plan.groups:   # a group-scoped probe costs one run per group
         point = group.members[0][0]
         n = n_params[point.key]
         probe = registry.probes[group.entry.probe].obj()
-        per_entry[group.entry.name] = per_entry.get(group.entry.name, 0.0) + 2.0 * n * probe.cost(
-            group.entry.params, n, n_train[point.key])
+        per_entry[group.entry.name] = per_entry.get(group.entry.name, 0.0) + 2.0 * n * sum(
+            probe.cost(params, n, n_train[point.key]) for _, params in group.entry.runs())
     return {"train": train, "probes": per_entry}

@@ -96,11 +96,50 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class SweepAxis:
+    path: str
+    dim: str
+    values: tuple
+
+
+@dataclass(frozen=True)
 class ProbeEntry:
     name: str
     probe: str
     at: str | tuple[int, ...]
     params: dict  # the with: block, defaults filled in
+    # the entry's own sweep over its with: block (paths relative to it): dims of its group only
+    sweep: tuple[SweepAxis, ...] = ()
+
+    @property
+    def dims(self) -> list[str]:
+        """The dims of the entry's own sweep, which its results carry after the cell dims."""
+        return [axis.dim for axis in self.sweep]
+
+    def runs(self) -> list[tuple[dict, dict]]:
+        """What one cell computes: for each point of the entry's own sweep, its coordinates and
+        the probe's params (one run, with no coordinates, for an entry without a sweep)."""
+        if not self.sweep:
+            return [({}, self.params)]
+        out = []
+        for values in itertools.product(*(axis.values for axis in self.sweep)):
+            params = copy.deepcopy(self.params)
+            for axis, value in zip(self.sweep, values):
+                _set_path(params, axis.path.split("."), copy.deepcopy(value))
+            out.append(({axis.dim: coordinate_label(value) for axis, value in zip(self.sweep, values)}, params))
+        return out
+
+    def fixed_params(self) -> dict:
+        """:attr:`params` without the swept ones, whose values are the group's coordinates."""
+        fixed = copy.deepcopy(self.params)
+        for axis in self.sweep:
+            *parents, last = axis.path.split(".")
+            node = fixed
+            for key in parents:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(last, None)
+        return fixed
 
     def selects(self, steps: list[int]) -> list[int]:
         if self.at == "all":
@@ -110,13 +149,6 @@ class ProbeEntry:
         if self.at == "last":
             return steps[-1:]
         return [s for s in steps if s in self.at]
-
-
-@dataclass(frozen=True)
-class SweepAxis:
-    path: str
-    dim: str
-    values: tuple
 
 
 @dataclass(frozen=True)
@@ -163,6 +195,9 @@ class Spec:
                                  base_schema())
         if "sweep" in content:   # its axes' order numbers the points and orders the dims
             content["sweep"] = [[path, values] for path, values in content["sweep"].items()]
+        if "probes" in content:  # so does an entry's own sweep, for its group's dims
+            content["probes"] = [{**entry, "sweep": [[path, values] for path, values in entry["sweep"].items()]}
+                                 if "sweep" in entry else entry for entry in content["probes"]]
         files_ = [(str(Path(f).relative_to(self.base_dir)) if Path(f).is_relative_to(self.base_dir) else f,
                    Path(f).stat().st_size) for f in _checkpoint_files_named(self.raw, self.base_dir)]
         return hashlib.sha256(json.dumps([content, files_], sort_keys=True).encode()).hexdigest()
@@ -456,7 +491,9 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
         mark = mark_of(doc, ("sweep", path))
         if keys[0] in NOT_SWEEPABLE:
             why = (" (a run has one, which its store records: write one spec per value)"
-                   if keys[0] in ("dtype", "device") else "")
+                   if keys[0] in ("dtype", "device") else
+                   " here; a probe's parameters are swept in its entry, e.g. "
+                   "{probe: langevin, sweep: {localization: [1, 10]}}" if keys[0] == "probes" else "")
             problems.append(Problem(mark, ("sweep", path), f"{keys[0]!r} cannot be swept{why}"))
             continue
         dim = dim_of[path]
@@ -487,6 +524,9 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
             block = validator.schema["properties"].get(keys[0])
             errors = None if block is None else validator.descend(trial[keys[0]], block, path=keys[0])
             problems += _validate(trial, validator, mark_override=mark_of(doc, ("sweep", path, j)), errors=errors)
+    for i, entry in enumerate(doc["probes"]):
+        if "sweep" in entry:
+            problems += _check_entry_sweep(doc, i, validator, reserved=set(dims) | {"checkpoint"})
     if "output" in doc:
         written = os.path.expandvars(doc["output"])
         try:
@@ -503,6 +543,53 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
             problems.append(Problem(mark_of(doc, ("output",)), ("output",),
                                     f"output {doc['output']!r} is an existing file, not a Zarr store; "
                                     "choose another path"))
+    return problems
+
+
+def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[Problem]:
+    """Problems of probe entry ``index``'s own sweep: its dims must be new names, each path must
+    lead into ``with:`` (and not be set there too), and each value must make a valid entry."""
+    problems = []
+    entry = doc["probes"][index]
+    given = plain(entry.get("with", {}))
+    unswept = {key: value for key, value in plain(entry).items() if key != "sweep"}
+    dim_of = axis_dims(list(entry["sweep"]))
+    for path, values in entry["sweep"].items():
+        keys = path.split(".")
+        where = ("probes", index, "sweep", path)
+        mark = mark_of(doc, where)
+        dim = dim_of[path]
+        if dim in reserved or dim in RESERVED_DIMS:
+            problems.append(Problem(mark, where, f"a sweep axis may not be named {dim!r} (a cell dim of this spec, "
+                                                 "or reserved by xarray's sel or by basinprobe)"))
+        node = given
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            problems.append(Problem(mark, where, f"{path!r} is both set in 'with:' and swept; "
+                                                 "remove it from 'with:'"))
+            continue
+        seen = {}
+        for j, value in enumerate(values):
+            value_where = where + (j,)
+            label = (type(plain(value)).__name__, coordinate_label(plain(value)))
+            if label in seen:
+                problems.append(Problem(mark_of(doc, value_where), value_where,
+                                        f"{plain(value)!r} is the same point as the axis's value number "
+                                        f"{seen[label] + 1}; give each point once"))
+                continue
+            seen[label] = j
+            trial = copy.deepcopy(unswept)
+            try:
+                _set_path(trial.setdefault("with", {}), keys, plain(value))
+            except (KeyError, IndexError, ValueError, TypeError):
+                problems.append(Problem(mark, where, f"{path!r} is not a path into the entry's 'with:' block"))
+                break
+            # the entry alone is validated, with the value in place (errors at the value's line)
+            probes = list(plain(doc["probes"]))
+            probes[index] = trial
+            errors = validator.descend(probes, validator.schema["properties"]["probes"], path="probes")
+            problems += _validate(doc, validator, mark_override=mark_of(doc, value_where), errors=errors)
     return problems
 
 
@@ -549,8 +636,11 @@ def _build(doc, text: str, source: Path | None, output: str | None, registry: Re
     for entry in raw["probes"]:
         probe = registry.probes[entry["probe"]].obj()
         at = entry.get("at", "all")
+        own = axis_dims(list(entry.get("sweep", {})))
         probes.append(ProbeEntry(entry.get("name", entry["probe"]), entry["probe"],
-                                 at if isinstance(at, str) else tuple(at), probe.resolve(entry.get("with", {}))))
+                                 at if isinstance(at, str) else tuple(at), probe.resolve(entry.get("with", {})),
+                                 tuple(SweepAxis(path, own[path], tuple(values))
+                                       for path, values in entry.get("sweep", {}).items())))
     dim_of = axis_dims(list(raw.get("sweep", {})))
     sweep = tuple(SweepAxis(path, dim_of[path], tuple(values)) for path, values in raw.get("sweep", {}).items())
     name = raw.get("name") or (source.stem if source else "spec")

@@ -352,7 +352,8 @@ class RunStore:
             group = _explain_gaps(_combine(pieces, dims, order, failed_coords), pieces, failed_coords, carried)
             meta = entries_meta[entry.name]
             group.attrs = {
-                "probe": entry.probe, "params": _jsonable(entry.params), "plugin": meta["plugin"],
+                "probe": entry.probe, "params": _jsonable(entry.fixed_params()), "plugin": meta["plugin"],
+                **({"sweep": _jsonable({axis.path: list(axis.values) for axis in entry.sweep})} if entry.sweep else {}),
                 "plugin_version": meta.get("plugin_version"),
                 "at": entry.at if isinstance(entry.at, str) else list(entry.at),
                 "warnings": warns, "failed": failed, **_merge_attrs(probe_attrs, meta.get("attrs", {})),
@@ -431,7 +432,8 @@ def _assembled_cell(group: xr.Dataset | None, coords: dict) -> xr.Dataset | None
 # after the probe's own reasons, because NaN must never go unexplained.
 FAILED_CELL = "the cell failed (the group's `failed` attr says why)"
 NOT_STORED = "the cell did not store this variable"
-PADDED = "padding: other cells have more entries along this variable's own dims (e.g. a sweep over widths)"
+PADDED = ("padding: other cells, or other points of the entry's own sweep, have more entries along this "
+          "variable's own dims (e.g. a sweep over widths, or over top_k)")
 GAP_NOTES = (FAILED_CELL, NOT_STORED, PADDED)
 OR = "; or "
 
@@ -457,8 +459,11 @@ def _explain_gaps(group: xr.Dataset, cells: list[tuple[xr.Dataset, dict]], faile
                 reasons.add(NOT_STORED)
             if len({v.shape for v in stored}) > 1 or not reasons:
                 reasons.add(PADDED)
+        # a cell of an entry with its own sweep may bring a note already (padding across its runs)
+        parts = var.attrs["nan_means"].split(OR) if var.attrs.get("nan_means") else []
+        reasons |= {part for part in parts if part in GAP_NOTES}
         if reasons:
-            own = [var.attrs["nan_means"]] if var.attrs.get("nan_means") else []
+            own = [part for part in parts if part not in GAP_NOTES]
             var.attrs["nan_means"] = OR.join(own + [note for note in GAP_NOTES if note in reasons])
     return group
 
@@ -576,6 +581,14 @@ def _combine(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict,
         combined = combined.reindex({dim: labels})
     if "checkpoint" in combined.dims:   # also a probe dim (of _checkpoints), which merge may leave unsorted
         combined = combined.sortby("checkpoint")
+    # merge's outer join makes every integer variable float to hold NaN; where none is needed
+    # (every cell present, its shape the same in all), the count stays an integer
+    for name in combined.data_vars:
+        kinds = {ds.variables[name].dtype for ds, _ in cells if name in ds.data_vars}
+        if len(kinds) == 1 and next(iter(kinds)).kind in "iub" and combined[name].dtype.kind == "f":
+            values = combined[name].values
+            if not np.isnan(values).any():
+                combined[name] = combined[name].astype(next(iter(kinds)))
     lead = [d for d in dims if d in combined.dims]
     return combined.transpose(*lead, ...)
 
@@ -629,13 +642,26 @@ def _combine_alike(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order:
     return combined.transpose(*[d for d in dims if d in combined.dims], ...)
 
 
-def _merge_attrs(per_cell: list[dict], fixed: dict) -> dict:
+def _merge_attrs(per_cell: list[dict], fixed: dict, labels: list[str] | None = None) -> dict:
+    """Attrs of several results as one: a key's value where all agree, else what varies (by
+    cell; or, given the results' ``labels``, each value with its label)."""
     merged = dict(fixed)
     keys = {k for attrs in per_cell for k in attrs}
     for key in sorted(keys):
         values = [json.dumps(a.get(key), sort_keys=True) for a in per_cell]
         if len(set(values)) == 1:
             merged[key] = per_cell[0][key]
+        elif labels is not None:
+            merged[key] = "varies: " + "; ".join(f"{label}: {value}" for label, value in zip(labels, values))[:2000]
         else:
             merged[key] = "varies by cell: " + "; ".join(sorted(set(values)))[:2000]
     return merged
+
+
+def combine_runs(runs: list[tuple[xr.Dataset, dict]], axes: dict[str, list]) -> xr.Dataset:
+    """One cell's results of an entry with its own sweep: each run's Dataset with its coordinates
+    (dim -> label), labelled along ``axes`` (dim -> labels in order); NaN where runs differ in
+    size along the probe's dims, said in ``nan_means``; attrs merged, naming what varies."""
+    combined = _explain_gaps(_combine(runs, list(axes), axes), runs, [], {})
+    combined.attrs = _merge_attrs([ds.attrs for ds, _ in runs], {}, [cell_label(coords) for _, coords in runs])
+    return combined

@@ -1,0 +1,166 @@
+"""A probe entry's own sweep over its ``with:`` block: one dim of its group per swept parameter."""
+
+import re
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from basinprobe.registry import Probe, ProbeError, collect_registry_with, hookimpl
+from basinprobe.runtime import open_results
+from basinprobe.runtime.execute import run_spec
+from basinprobe.runtime.progress import Reporter
+from basinprobe.runtime.spec import SpecError, load_spec
+from conftest import TINY_SPEC
+
+LLC = "{chains: 2, draws: 12, burn_in: 4, step_size: 0.001, nbeta: 10.0}"
+
+
+def with_entries(*entries: str, spec: str = TINY_SPEC, out: str = "out.zarr") -> str:
+    return spec.replace("  - {name: eval, probe: evaluate}", "\n".join(f"  - {e}" for e in entries)).replace(
+        "out.zarr", out)
+
+
+def test_a_swept_entry_equals_one_entry_per_value_bit_for_bit(write_spec, tmp_path):
+    swept = with_entries(f"{{name: llc, probe: langevin, at: last, with: {LLC}, sweep: {{localization: [1.0, 30.0]}}}}",
+                         "{name: hess, probe: hessian_spectrum, at: last, with: {density: false}, "
+                         "sweep: {top_k: [2, 3]}}")
+    assert run_spec(load_spec(write_spec(swept))).ok
+    tree = open_results(tmp_path / "out.zarr")
+    llc, hess = tree["llc"].to_dataset(), tree["hess"].to_dataset()
+    assert llc["llc"].dims == ("seed", "checkpoint", "localization")
+    assert llc["localization"].values.tolist() == [1.0, 30.0]
+    assert hess["top_eigenvalues"].dims == ("seed", "checkpoint", "top_k", "k_top")
+    assert hess["hvp_count"].dtype.kind == "i"   # counts stay integers where nothing is missing
+    # the swept values are coordinates, not params; the sweep is recorded
+    assert "localization" not in tree["llc"].attrs["params"] and tree["llc"].attrs["params"]["chains"] == 2
+    assert tree["llc"].attrs["sweep"] == {"localization": [1.0, 30.0]}
+    # top_k 2 is padded to 3 eigenvalues, and the padding is said to be padding
+    top = hess["top_eigenvalues"]
+    assert np.isnan(top.sel(top_k=2, k_top=3)).all() and np.isfinite(top.sel(top_k=3)).all()
+    assert "padding" in top.attrs["nan_means"]
+    for value, top_k in ((1.0, 2), (30.0, 3)):
+        single = with_entries(f"{{name: llc, probe: langevin, at: last, with: "
+                              f"{LLC[:-1]}, localization: {value}}}}}",
+                              f"{{name: hess, probe: hessian_spectrum, at: last, with: {{density: false, top_k: {top_k}}}}}",
+                              out=f"single{top_k}.zarr")
+        assert run_spec(load_spec(write_spec(single, f"single{top_k}.yaml"))).ok
+        alone = open_results(tmp_path / f"single{top_k}.zarr")
+        # the same random numbers for every point of the sweep: only the parameter differs
+        np.testing.assert_array_equal(llc["llc"].sel(localization=value).values, alone["llc"]["llc"].values)
+        np.testing.assert_array_equal(llc["loss_trace"].sel(localization=value).values,
+                                      alone["llc"]["loss_trace"].values)
+        np.testing.assert_array_equal(top.sel(top_k=top_k).isel(k_top=slice(0, top_k)).values,
+                                      alone["hess"]["top_eigenvalues"].values)
+    assert not np.array_equal(llc["llc"].sel(localization=1.0), llc["llc"].sel(localization=30.0))
+
+
+def test_batched_cells_give_the_swept_entry_the_same_results(write_spec, tmp_path):
+    entry = f"{{name: llc, probe: langevin, at: last, with: {LLC}, sweep: {{localization: [1.0, 30.0]}}}}"
+    assert run_spec(load_spec(write_spec(with_entries(entry)))).ok
+    batched = with_entries(entry, out="batched.zarr") + "execution: {batch_cells: true}\n"
+    assert run_spec(load_spec(write_spec(batched, "batched.yaml"))).ok
+    a, b = open_results(tmp_path / "out.zarr")["llc"], open_results(tmp_path / "batched.zarr")["llc"]
+    # float32: the batched gradient sums in another order
+    np.testing.assert_allclose(a["llc"].values, b["llc"].values, rtol=1e-4, atol=1e-4)
+    assert a["llc"].dims == b["llc"].dims
+
+
+def test_query_selects_along_an_entry_sweep_and_plan_counts_its_runs(write_spec, cli, tmp_path):
+    spec = write_spec(with_entries("{name: hess, probe: hessian_spectrum, at: last, "
+                                   "with: {density: false, top_k: 2}, sweep: {operator: [hessian, ggn]}}"))
+    code, out, _ = cli("plan", spec)
+    assert code == 0 and "hess x2 (operator)" in out
+    assert cli("run", spec, "-q")[0] == 0
+    code, out, _ = cli("query", tmp_path / "out.zarr", "hess/loss", "--sel", "operator=ggn", "--format", "csv")
+    assert code == 0 and out.count("\n") == 1 + 2   # header, two seeds
+    tree = open_results(tmp_path / "out.zarr")
+    top = tree["hess"]["top_eigenvalues"]
+    assert top["operator"].values.tolist() == ["hessian", "ggn"]
+    # the GGN and the Hessian are different operators away from a zero-residual minimum
+    assert not np.allclose(top.sel(operator="hessian"), top.sel(operator="ggn"))
+
+
+def test_a_group_probe_entry_can_sweep_its_parameters(write_spec, tmp_path):
+    entry = "{name: mc, probe: mode_connectivity, at: last, with: {pairs: {sweep: seed}}, sweep: {alphas: [3, 5]}}"
+    assert run_spec(load_spec(write_spec(with_entries(entry)))).ok
+    mc = open_results(tmp_path / "out.zarr")["mc"].to_dataset()
+    assert "alphas" in mc.dims and mc["alphas"].values.tolist() == [3, 5]
+    barrier = next(name for name in mc.data_vars if "barrier" in name)
+    assert np.isfinite(mc[barrier].sel(alphas=5).values).all()
+
+
+def test_changing_an_entry_sweep_recomputes_that_entry_only(write_spec, tmp_path, monkeypatch):
+    from basinprobe.runtime import execute
+
+    first = with_entries("{name: eval, probe: evaluate}",
+                         "{name: hess, probe: hessian_spectrum, at: last, with: {density: false}, sweep: {top_k: [2]}}")
+    assert run_spec(load_spec(write_spec(first))).ok
+    notes = []
+    reporter = Reporter(quiet=True)
+    monkeypatch.setattr(reporter, "note", notes.append)
+    monkeypatch.setattr(execute, "train", lambda *a, **k: pytest.fail("the models were trained again"))
+    report = run_spec(load_spec(write_spec(first.replace("top_k: [2]", "top_k: [2, 3]"))), reporter=reporter)
+    assert report.ok and report.done == 2 and "kept eval; recomputing hess (changed)" in notes[0]
+    assert open_results(tmp_path / "out.zarr")["hess"]["top_k"].values.tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("entry, line, message", [
+    ("{probe: langevin, sweep: {localisation: [1.0, 10.0]}}", 11,
+     r"unknown key 'localisation'; did you mean 'localization'"),
+    ("{probe: langevin, sweep: {localization: [1.0, -2.0]}}", 11, r"-2.0 is out of range"),
+    ("{probe: langevin, sweep: {localization: [1.0, 1.0]}}", 11, r"1.0 is the same point as the axis's value number 1"),
+    ("{probe: langevin, with: {chains: 4}, sweep: {chains: [2, 8]}}", 11,
+     r"'chains' is both set in 'with:' and swept; remove it from 'with:'"),
+    ("{probe: langevin, sweep: {seed: [1, 2]}}", 11, r"a sweep axis may not be named 'seed'"),
+    ("{probe: langevin, with: {chains: 4}, sweep: {chains.x: [1]}}", 11, r"'chains.x' is not a path into the entry's 'with:' block"),
+    ("{probe: langevin, sweep: {localization: []}}", 11, r"should be non-empty"),
+])
+def test_bad_entry_sweeps_are_errors_at_their_line(write_spec, entry, line, message):
+    with pytest.raises(SpecError, match=message) as caught:
+        load_spec(write_spec(with_entries(entry)))
+    assert re.search(rf"spec\.yaml:{line}:", str(caught.value)), str(caught.value)
+
+
+def test_a_probe_parameter_in_the_spec_sweep_points_to_the_entry_sweep(write_spec):
+    spec = TINY_SPEC.replace("sweep: {seed: [0, 1]}", "sweep: {probes.0.with.splits: [[train], [test]]}")
+    with pytest.raises(SpecError, match=r"'probes' cannot be swept here; a probe's parameters are swept in its entry"):
+        load_spec(write_spec(spec))
+
+
+class Scaled(Probe):
+    """Returns a dim named like its parameter, and refuses one value in ``check``."""
+
+    name = "scaled"
+    schema = {"type": "object", "properties": {"factor": {"type": "number", "default": 1.0}},
+              "additionalProperties": False}
+
+    def check(self, params, n_params, n_train):
+        if params["factor"] > n_params:
+            raise ProbeError(f"factor {params['factor']} exceeds the {n_params} parameters; lower it")
+
+    def run(self, ctx, params):
+        return xr.Dataset({"value": ("factor", [params["factor"] * ctx.checkpoint])})
+
+
+class Plugin:
+    @hookimpl
+    def basinprobe_probes(self):
+        return [Scaled]
+
+
+def test_a_probe_dim_named_like_a_swept_parameter_fails_its_cells_clearly(write_spec):
+    registry = collect_registry_with(Plugin())
+    spec = load_spec(write_spec(with_entries("{name: s, probe: scaled, sweep: {factor: [1.0, 2.0]}}")),
+                     registry=registry)
+    report = run_spec(spec, registry=registry)
+    assert not report.ok and len(report.failures) == 6
+    assert "dim 'factor' collides with a cell dim of this spec" in report.failures[0]
+
+
+def test_probe_check_runs_for_every_point_of_an_entry_sweep(write_spec):
+    registry = collect_registry_with(Plugin())
+    spec = load_spec(write_spec(with_entries("{name: s, probe: scaled, sweep: {factor: [1.0, 1000.0]}}")),
+                     registry=registry)
+    with pytest.raises(SpecError, match=r"at probes.0.with: at factor=1000.0: factor 1000.0 exceeds the 51 "):
+        run_spec(spec, registry=registry)
