@@ -438,7 +438,7 @@ def load_spec(path: str | Path | None = None, *, text: str | None = None, regist
         mark = getattr(exc, "problem_mark", None)
         where = Mark(filename, mark.line + 1, mark.column + 1) if mark else None
         reason = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([Problem(where, (), f"malformed YAML: {reason}")]) from None
+        raise SpecError([Problem(where, (), f"malformed YAML: {reason}{_yaml_fix(exc)}")]) from None
     if not isinstance(document, dict):
         raise SpecError([Problem(Mark(filename, 1, 1), (), "a spec must be a YAML mapping (key: value lines)")])
 
@@ -451,6 +451,35 @@ def load_spec(path: str | Path | None = None, *, text: str | None = None, regist
     if problems:
         raise SpecError(problems)
     return _build(document, text, source, output, registry)
+
+
+def _yaml_fix(exc: yaml.YAMLError) -> str:
+    """How to repair the commonest YAML slips, from the parser's own words."""
+    problem = getattr(exc, "problem", None) or ""
+    context = getattr(exc, "context", None) or ""
+    opened = getattr(exc, "context_mark", None)
+    at = f" at line {opened.line + 1}, column {opened.column + 1}" if opened else ""
+    if "'\\t'" in problem:
+        return "; YAML indents with spaces only: replace the tab with spaces"
+    if problem.startswith("found character") and "cannot start any token" in problem:
+        return "; a value starting with this character must be quoted, e.g. \"@value\""
+    if problem == "mapping values are not allowed here":
+        return ("; a second ': ' where a value was expected: quote a value that holds ': ', or indent "
+                "this key like the keys it belongs with")
+    if problem.startswith("expected <block end>"):
+        return ("; this line does not continue the block above it: indent it like the keys (or '- ' items) it "
+                "belongs with, and keep a mapping's keys and a list's items on levels of their own")
+    if problem.startswith(("expected ',' or '}'", "expected ',' or ']'")):
+        bracket = "{" if problem.startswith("expected ',' or '}'") else "["
+        return (f"; the '{bracket}' opened{at} is not closed, or two of its items lack a ',' between "
+                "them (write {a: 1, b: 2} and [1, 2])")
+    if "quoted scalar" in context:
+        return f"; the quote opened{at} is never closed"
+    if problem.startswith("found undefined alias") or "an alias" in context or "an anchor" in context:
+        return "; '*' and '&' start an alias or anchor in YAML: quote the value, e.g. \"*.pt\""
+    if problem.startswith("could not find expected ':'"):
+        return "; a key needs ': ' (a colon and a space) before its value"
+    return ""
 
 
 def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:

@@ -36,6 +36,24 @@ def test_malformed_yaml_names_line(write_spec):
     assert "malformed YAML" in problems[0].message
 
 
+@pytest.mark.parametrize("old, new, line, fix", [
+    ("  - {probe: evaluate}", "\t- {probe: evaluate}", 7, "replace the tab with spaces"),
+    ("loss: mse", "loss: mse: sum", 4, "quote a value that holds ': '"),
+    ("loss: mse", "loss: mse\n loss2: mse", 5, "or indent this key like the keys it belongs with"),
+    ("probes:\n", "probes:\n  - a\n b: 1\n", 8, "keep a mapping's keys and a list's items on levels of their own"),
+    ("with: {n: 20, in: 2}}", "with: {n: 20 in: 2}}", 3, "the '{' opened at line 3, column 37 is not closed, or two "
+                                                          "of its items lack a ','"),
+    ("hidden: [4]", "hidden: [4", 2, "the '[' opened at line 2, column 42 is not closed"),
+    ("output: out.zarr", 'output: "out.zarr', 9, "the quote opened at line 8, column 9 is never closed"),
+    ("output: out.zarr", "output: *.zarr", 8, "quote the value"),
+    ("output: out.zarr", "output: @out.zarr", 8, "must be quoted"),
+])
+def test_malformed_yaml_says_how_to_fix_it(write_spec, old, new, line, fix):
+    _, problems = problems_of(write_spec, GOOD.replace(old, new))
+    assert len(problems) == 1 and "malformed YAML" in problems[0].message
+    assert fix in problems[0].message and problems[0].mark.line == line, str(problems[0])
+
+
 def test_unknown_top_level_key_suggests_close_one(write_spec):
     _, problems = problems_of(write_spec, GOOD + "proobes: []\n")
     assert any("unknown key 'proobes'" in p.message and "'probes'" in p.message for p in problems)
