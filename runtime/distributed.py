@@ -12,7 +12,9 @@ by the scheduler; the retry reads the store and redoes only unfinished cells.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,16 @@ def _import_distributed():
     except ImportError:
         raise ExecutorError("the dask executor needs dask.distributed: pip install 'basinprobe[dask]'") from None
     return distributed
+
+
+def dask_setup(worker) -> None:
+    """Preloaded into each worker of a cluster that basinprobe starts (dask calls it by this
+    name). Ctrl-C in a terminal reaches every process of its group, and each worker printed
+    a KeyboardInterrupt traceback; the coordinator cancels the futures and closes the workers
+    itself, so they ignore it. A worker does not outlive its coordinator: dask's nanny makes it
+    exit when its parent does. Cancelled tasks are the coordinator's doing, not news."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
 
 
 def worker_inventory() -> dict:
@@ -151,18 +163,20 @@ def _local_cluster(distributed, workers: int, threads: int, device: str, gpus: i
     import dask
 
     method = _start_method(device)
+    preload = {"distributed.worker.preload": [__name__]}   # dask_setup, above
     if method == "spawn" and device in ("cuda", "auto") and 0 < workers <= gpus:
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
             pass
         else:
-            return LocalCUDACluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None)
+            with dask.config.set(preload):
+                return LocalCUDACluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None)
     if method == "fork":
         # xarray imports dask.array (~0.7 s) when it first builds a variable with dask installed;
         # imported once here, before the fork, the workers inherit it
         import dask.array  # noqa: F401
-    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+    with dask.config.set({"distributed.worker.multiprocessing-method": method, **preload}):
         return distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                                         dashboard_address=None)
 
