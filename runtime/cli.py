@@ -83,7 +83,67 @@ def cmd_plan(args) -> int:
     console.print(f"data sets built: {len(data_nodes)} (shared by {shared_data} further sweep points)")
     console.print(f"estimated cost: training {cost['train']:.2e} flop; "
                   + ", ".join(f"{k} {v:.2e} flop" for k, v in cost["probes"].items()))
+    if args.time:
+        return _time_plan(args, spec, plan, registry, cost, console)
     return 0
+
+
+def _time_plan(args, spec, plan, registry, cost, console) -> int:
+    """``plan --time``: time the cheapest and the costliest sweep point, scale to the whole run."""
+    from basinprobe.runtime.context import ProbeWarning
+    from basinprobe.runtime.execute import time_points
+    from basinprobe.runtime.plan import estimate_seconds, points_to_time
+    from basinprobe.runtime.progress import Reporter, stderr_console
+
+    if args.device is not None:
+        problem = _device_problem(args.device, dask=False)
+        if problem:
+            print(f"error: --device {args.device}: {problem}", file=sys.stderr)
+            return EXIT_SPEC
+    keys = points_to_time(plan, cost)
+    # The first point run in a process pays for what a process does once (imports, first calls
+    # into torch): with more points to come, it runs twice, and the difference is counted once.
+    warm_up = len(plan.points) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProbeWarning)   # the run itself reports them
+        timings, device = time_points(spec, plan, registry, keys[:1] * warm_up + keys, args.device,
+                                      Reporter(console=stderr_console()))
+    first = 0.0
+    if warm_up:
+        first = max(timings[0].seconds - timings[1].seconds, 0.0)
+        timings = timings[1:]
+    for timing in timings:
+        where = f"sweep point {', '.join(f'{k}={v}' for k, v in timing.coords.items())}" if timing.coords else "the spec"
+        parts = [f"{name} {duration(seconds)}" for name, seconds in timing.probes.items()]
+        console.print(f"timed {where} on {device}: {duration(timing.seconds)} (training and set-up "
+                      f"{duration(timing.setup)}; {', '.join(parts) or 'no probe cells'})", highlight=False)
+        for failure in timing.failures:
+            console.print(f"  failed while timing: {failure}", highlight=False)
+    estimate = estimate_seconds(plan, cost, timings)
+    total = first + estimate["train"] + sum(estimate["probes"].values())
+    parts = [f"{name} {duration(seconds)}" for name, seconds in estimate["probes"].items()]
+    console.print(f"estimated time of the whole run, one process on {device}: about {duration(total)} "
+                  + (f"(a process's first point {duration(first)} more; " if warm_up else "(")
+                  + f"training and set-up {duration(estimate['train'])}; {', '.join(parts) or 'no probe cells'})",
+                  highlight=False)
+    others = len(plan.points) - len(timings)
+    notes = [f"the other {others} sweep point{'s' * (others != 1)} from the timed "
+             f"one{'s' * (len(timings) > 1)} by the cost model"] if others else []
+    untimed = [e.name for e in spec.probes if e.name not in estimate["probes"]]
+    if untimed:
+        notes.append(f"not timed: {', '.join(untimed)} (group-scoped, or no cells at the timed points)")
+    if notes:
+        console.print("  " + "; ".join(notes), highlight=False)
+    return 0
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4 min 10 s, 2 h 5 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
 SHOWN_AFTER_RUN = 20   # warnings (and failures) printed after a run; a big sweep can have thousands
@@ -226,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the compiled plan and a cost estimate")
     p.add_argument("spec")
     p.add_argument("--max-cells", type=int, default=20, help="rows listed per table (sweep points, cells, groups)")
+    p.add_argument("--time", action="store_true",
+                   help="run the first sweep point in a scratch store and estimate the whole run's time from it")
+    p.add_argument("--device", help="with --time: the device to time on (default: the spec's)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("run", help="run a spec and write its Zarr store")
     p.add_argument("spec")

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -252,6 +253,49 @@ def run_spec(spec: Spec, *, overwrite: bool = False, device: str | None = None,
         after = store.status()
         report.done = sum(after.get(unit, {}).get("status") == "done" for unit in units) - report.skipped
     return report
+
+
+@dataclass
+class PointTiming:
+    """What one sweep point took: in all, and per probe entry over its cells."""
+
+    point: str
+    coords: dict
+    seconds: float
+    probes: dict[str, float]
+    failures: list[str]
+
+    @property
+    def setup(self) -> float:
+        """Training (or loading) the point's models, and building its model and data."""
+        return max(self.seconds - sum(self.probes.values()), 0.0)
+
+
+def time_points(spec: Spec, plan: Plan, registry: Registry, keys: list[str], device: str | None = None,
+                reporter: Reporter | None = None) -> tuple[list[PointTiming], str]:
+    """Run the sweep points named by ``keys`` (their training and the cell-scoped entries on
+    their cells; a key given twice runs twice) in scratch stores, removed afterwards, and time
+    each; and the device they ran on. Nothing goes to the spec's output."""
+    torch_device, recorded = coordinator_device(spec, device or spec.device, False)
+    shop = Workshop(spec, registry, torch_device, resolve_dtype(spec.dtype))
+    reporter = reporter or Reporter(quiet=True)
+    points = [point for key in keys for point in plan.points if point.key == key]
+    timings = []
+    with tempfile.TemporaryDirectory(prefix="basinprobe-timing-") as scratch:
+        with reporter:
+            reporter.start_cells(sum(len(cell.entries) for point in points for cell in point.cells), "timing")
+            for index, point in enumerate(points):
+                store = RunStore(Path(scratch) / f"{index}.zarr")   # a point run again is trained again
+                store.open_for(spec, recorded, spec.dtype, overwrite=True)
+                report = RunReport(str(store.path))
+                started = time.perf_counter()
+                run_point(point, spec, shop, store, {}, reporter, report, {})
+                seconds = time.perf_counter() - started
+                probes: dict[str, float] = {}
+                for (_, entry), record in store.status([cell.key for cell in point.cells]).items():
+                    probes[entry] = probes.get(entry, 0.0) + record.get("seconds", 0.0)
+                timings.append(PointTiming(point.key, point.coords, seconds, probes, report.failures))
+    return timings, recorded
 
 
 @contextlib.contextmanager

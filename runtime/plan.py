@@ -187,25 +187,88 @@ def _groups_of(spec: Spec, index: int, entry: ProbeEntry, points: list[PointPlan
     return list(grouped.values())
 
 
+def points_to_time(plan: Plan, cost: dict) -> list[str]:
+    """The sweep points whose timing :func:`estimate_seconds` extrapolates from: the cheapest and
+    the costliest by :func:`estimate_cost` (one, where all cost alike, as in a sweep of seeds)."""
+    def flop(point):
+        own = cost["points"][point.key]
+        return own["train"] + sum(own["probes"].values())
+
+    cheapest, costliest = min(plan.points, key=flop), max(plan.points, key=flop)
+    return [cheapest.key] if flop(cheapest) == flop(costliest) else [cheapest.key, costliest.key]
+
+
+def estimate_seconds(plan: Plan, cost: dict, timings: list) -> dict:
+    """The whole run's seconds in one process, from timed sweep points (``timings``: objects with
+    ``point``, ``setup`` and ``probes``, as ``execute.time_points`` returns). Each part (training
+    and set-up; each probe entry) of a point is taken to cost ``a * runs + b * flop``: a fixed
+    time per run (a training run; an entry's run on one cell), which dominates small models, and
+    a time per flop of :func:`estimate_cost`. Two timed points fix a and b; one (or two whose runs
+    and flop are in proportion) scales by flop, so that points alike to it count its time. Entries no timed point ran
+    (group-scoped ones) are left out."""
+    runs = {point.key: {"train": 1, **{e.name: 0 for e in plan.spec.probes}} for point in plan.points}
+    for point in plan.points:
+        for cell in point.cells:
+            for entry in cell.entries:
+                runs[point.key][entry.name] += len(entry.runs())
+
+    def total(part: str, observed: list[tuple[str, float]]) -> float:
+        def flop(key):
+            own = cost["points"][key]
+            return own["train"] if part == "train" else own["probes"].get(part, 0.0)
+
+        (k1, s1), (k2, s2) = observed[0], observed[-1]
+        n1, f1, n2, f2 = runs[k1][part], flop(k1), runs[k2][part], flop(k2)
+        determinant = n1 * f2 - n2 * f1
+        if len(observed) > 1 and determinant != 0:
+            a, b = (s1 * f2 - s2 * f1) / determinant, (n1 * s2 - n2 * s1) / determinant
+            if a < 0:   # no fixed time: all per flop
+                a, b = 0.0, (s1 + s2) / (f1 + f2)
+            elif b < 0:  # no time per flop: all fixed
+                a, b = (s1 + s2) / (n1 + n2), 0.0
+        else:   # one point, or two in proportion: scale their time by flop (by runs where there is none)
+            seconds = sum(s for _, s in observed)
+            timed_flop = sum(flop(key) for key, _ in observed)
+            if timed_flop > 0:
+                return seconds * sum(flop(key) for key in runs) / timed_flop
+            return seconds * sum(runs[key][part] for key in runs) / sum(runs[key][part] for key, _ in observed)
+        return sum(a * runs[key][part] + b * flop(key) for key in runs)
+
+    train = total("train", [(t.point, t.setup) for t in timings])
+    per_entry = {}
+    for entry in plan.spec.probes:
+        observed = [(t.point, t.probes[entry.name]) for t in timings
+                    if entry.name in t.probes and runs[t.point][entry.name]]
+        if observed:
+            per_entry[entry.name] = total(entry.name, observed)
+    return {"train": train, "probes": per_entry}
+
+
 def estimate_cost(plan: Plan, n_params: dict[str, int], n_train: dict[str, int], registry: Registry | None = None) -> dict:
-    """Rough floating-point operation counts: training and each probe entry, summed over cells."""
+    """Rough floating-point operation counts: training and each probe entry, summed over cells
+    (``train``, ``probes``), and per sweep point (``points``: point key -> the same for its
+    training and cells; group-scoped entries are not a point's)."""
     registry = registry or load_registry()
     train = 0.0
     per_entry: dict[str, float] = {}
+    points: dict[str, dict] = {}
     for point in plan.points:
         n = n_params[point.key]
+        own = points[point.key] = {"train": 0.0, "probes": {}}
         if point.config.train is not None:
             t = point.config.train
-            train += 6.0 * n * t.steps * min(t.batch_size, n_train[point.key])
+            own["train"] = 6.0 * n * t.steps * min(t.batch_size, n_train[point.key])
+            train += own["train"]
         for cell in point.cells:
             for entry in cell.entries:
                 probe = registry.probes[entry.probe].obj()
-                per_entry[entry.name] = per_entry.get(entry.name, 0.0) + 2.0 * n * sum(
-                    probe.cost(params, n, n_train[point.key]) for _, params in entry.runs())
+                flop = 2.0 * n * sum(probe.cost(params, n, n_train[point.key]) for _, params in entry.runs())
+                per_entry[entry.name] = per_entry.get(entry.name, 0.0) + flop
+                own["probes"][entry.name] = own["probes"].get(entry.name, 0.0) + flop
     for group in plan.groups:   # a group-scoped probe costs one run per group
         point = group.members[0][0]
         n = n_params[point.key]
         probe = registry.probes[group.entry.probe].obj()
         per_entry[group.entry.name] = per_entry.get(group.entry.name, 0.0) + 2.0 * n * sum(
             probe.cost(params, n, n_train[point.key]) for _, params in group.entry.runs())
-    return {"train": train, "probes": per_entry}
+    return {"train": train, "probes": per_entry, "points": points}
