@@ -68,15 +68,14 @@ def cmd_plan(args) -> int:
     for cell in plan.cells[: args.max_cells]:
         shared = "; ".join(f"{node} <- {', '.join(by)}" + (" [shared]" if len(by) > 1 else "")
                            for node, by in cell.artifacts.items()) or "-"
-        cells.add_row(cell.key, ", ".join(e.name + (f" x{len(e.runs())} ({', '.join(e.dims)})" if e.sweep else "")
-                                          for e in cell.entries), shared)
+        cells.add_row(cell.key, ", ".join(map(_entry_runs, cell.entries)), shared)
     console.print(cells)
     if len(plan.cells) > args.max_cells:
         console.print(f"... and {len(plan.cells) - args.max_cells} more cells")
     if plan.groups:
         groups = Table("group", "probe entry", "fixed coords", "spans", "members")
         for group in plan.groups[: args.max_cells]:
-            groups.add_row(group.key, group.entry.name, json.dumps(group.coords), ", ".join(group.spanned),
+            groups.add_row(group.key, _entry_runs(group.entry), json.dumps(group.coords), ", ".join(group.spanned),
                            str(len(group.members)))
         console.print(groups)
     shared_data = sum(n - 1 for n in data_nodes.values())
@@ -86,6 +85,11 @@ def cmd_plan(args) -> int:
     if args.time:
         return _time_plan(args, spec, plan, registry, cost, console)
     return 0
+
+
+def _entry_runs(entry) -> str:
+    """An entry's name, and how many runs its own sweep makes of it (``hess x4 (top_k, operator)``)."""
+    return entry.name + (f" x{len(entry.runs())} ({', '.join(entry.dims)})" if entry.sweep else "")
 
 
 def _time_plan(args, spec, plan, registry, cost, console) -> int:

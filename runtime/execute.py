@@ -24,7 +24,7 @@ from basinprobe.runtime.build import (BuildError, build_data, build_model, flat_
 from basinprobe.runtime.context import CellContext, GroupContext, Member, derive_seed
 from basinprobe.runtime.plan import GroupPlan, Plan, PointPlan, code_versions, compile_plan, components_of
 from basinprobe.runtime.progress import Reporter
-from basinprobe.runtime.spec import RESERVED_DIMS, Problem, Spec, SpecError, coordinate_label
+from basinprobe.runtime.spec import RESERVED_DIMS, Problem, Spec, SpecError
 from basinprobe.runtime.store import RunStore, cell_label, combine_runs
 from basinprobe.runtime.train import TrainingDiverged, train
 from basinprobe.runtime.yamlio import mark_of
@@ -430,14 +430,41 @@ def measure(entry, contexts: list, seeds: list[int], forbidden_dims, run) -> lis
         for ctx, seed in zip(contexts, seeds):
             ctx.begin_entry(seed)
         for k, (ctx, result) in enumerate(zip(contexts, run(dict(params)))):
-            results[k].append((check_result(result, entry.name, forbidden), coords))
+            results[k].append((check_result(_beside_sweep(result, entry), entry.name, forbidden), coords))
             warned[k] += [f"{cell_label(coords)}: {w}" if coords else w for w in ctx.warnings]
     for ctx, warnings_ in zip(contexts, warned):
         ctx.warnings = warnings_
     if not entry.sweep:
         return [pieces[0][0] for pieces in results]
-    axes = {axis.dim: [coordinate_label(v) for v in axis.values] for axis in entry.sweep}
+    axes = {axis.dim: list(axis.labels) for axis in entry.sweep}
     return [combine_runs(pieces, axes) for pieces in results]
+
+
+def _beside_sweep(result, entry):
+    """A probe's result, made to fit a dim of its entry's own sweep: a variable (or coordinate)
+    named like a swept parameter, such as the step size that langevin's ``step_size: auto``
+    chose, is kept as ``<name>_result``, since a dim's coordinate takes the name; a dim of the
+    probe's own so named cannot be kept apart from the sweep's and fails the cell."""
+    if not entry.sweep or not isinstance(result, xr.Dataset):
+        return result
+    for dim in entry.dims:
+        if dim in result.dims:
+            raise ProbeError(f"the probe's results have a dim {dim!r} of their own, which the entry's sweep also "
+                             f"names: give the values as one list in 'with:' where {entry.probe} takes one, or "
+                             "sweep another parameter")
+    renamed = {}
+    for name in entry.dims:
+        if name in result.variables:
+            new = f"{name}_result"
+            while new in result.variables:
+                new += "_"
+            renamed[name] = new
+    if not renamed:
+        return result
+    result = result.rename_vars(renamed)
+    for old, new in renamed.items():
+        result[new].attrs["stored_as"] = f"{new}, not {old}: the entry's sweep over {old!r} names a dim {old!r}"
+    return result
 
 
 def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, seed: int, store, reporter,

@@ -101,6 +101,11 @@ class SweepAxis:
     dim: str
     values: tuple
 
+    @functools.cached_property
+    def labels(self) -> tuple:
+        """The coordinate of each value (:func:`axis_labels`)."""
+        return tuple(axis_labels(self.values))
+
 
 @dataclass(frozen=True)
 class ProbeEntry:
@@ -122,11 +127,12 @@ class ProbeEntry:
         if not self.sweep:
             return [({}, self.params)]
         out = []
-        for values in itertools.product(*(axis.values for axis in self.sweep)):
+        for picks in itertools.product(*(range(len(axis.values)) for axis in self.sweep)):
             params = copy.deepcopy(self.params)
-            for axis, value in zip(self.sweep, values):
-                _set_path(params, axis.path.split("."), copy.deepcopy(value))
-            out.append(({axis.dim: coordinate_label(value) for axis, value in zip(self.sweep, values)}, params))
+            for axis, i in zip(self.sweep, picks):
+                # a default that is no block (lottery_subspace's stability: false) gives way to one
+                _set_path(params, axis.path.split("."), copy.deepcopy(axis.values[i]), replace=True)
+            out.append(({axis.dim: axis.labels[i] for axis, i in zip(self.sweep, picks)}, params))
         return out
 
     def fixed_params(self) -> dict:
@@ -214,11 +220,11 @@ class Spec:
         # a long axis quadratic (2,000 seeds: 7 s).
         unswept = {key: value for key, value in self.raw.items() if key != "sweep"}
         out = []
-        for values in itertools.product(*(axis.values for axis in self.sweep)):
+        for picks in itertools.product(*(range(len(axis.values)) for axis in self.sweep)):
             raw = copy.deepcopy(unswept)
-            for axis, value in zip(self.sweep, values):
-                _set_path(raw, axis.path.split("."), value)
-            coords = {axis.dim: coordinate_label(value) for axis, value in zip(self.sweep, values)}
+            for axis, i in zip(self.sweep, picks):
+                _set_path(raw, axis.path.split("."), axis.values[i])
+            coords = {axis.dim: axis.labels[i] for axis, i in zip(self.sweep, picks)}
             out.append((coords, _point_config(raw, self.base_dir)))
         return out
 
@@ -281,6 +287,30 @@ def coordinate_label(value):
     if isinstance(value, (bool, int, float, str)):
         return value
     return json.dumps(value, separators=(",", ":"))
+
+
+def _kind(value) -> str:
+    return "bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else \
+        "str" if isinstance(value, str) else "json"
+
+
+def axis_labels(values) -> list:
+    """The coordinates of a sweep axis: :func:`coordinate_label` of each value where they are of
+    one kind (numbers, strings, booleans, or lists and mappings); text for all where kinds mix
+    (``[auto, 0.001]`` -> ``"auto"``, ``"0.001"``; ``[{k: 2}, false]`` -> ``'{"k":2}'``,
+    ``"false"``), because a coordinate of mixed types cannot be aligned or selected."""
+    values = [plain(v) for v in values]
+    if len({_kind(v) for v in values}) <= 1:
+        return [coordinate_label(v) for v in values]
+    return [v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in values]
+
+
+def point_key(value) -> tuple:
+    """Values that are one point of an axis share this: 1 and 1.0 do, True and 1 do not."""
+    value = plain(value)
+    if _kind(value) == "number":
+        return ("number", float(value))
+    return (_kind(value), json.dumps(value, sort_keys=True))
 
 
 # --- schema -----------------------------------------------------------------------------------
@@ -407,13 +437,15 @@ def _non_finite(node, path=()):
             yield from _non_finite(v, path + (i,))
 
 
-def _set_path(raw: dict, keys: list[str], value):
+def _set_path(raw: dict, keys: list[str], value, replace: bool = False):
+    """Set ``value`` at ``keys`` inside ``raw``, making the missing mappings on the way (and,
+    with ``replace``, a mapping of whatever else is in the way)."""
     node = raw
     for key in keys[:-1]:
         if isinstance(node, list):
             node = node[int(key)]
             continue
-        if key not in node or node[key] is None:
+        if key not in node or node[key] is None or (replace and not isinstance(node[key], (dict, list))):
             node[key] = {}
         node = node[key]
     node[keys[-1]] = value
@@ -535,7 +567,7 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
         dims[dim] = path
         seen = {}
         for j, value in enumerate(values):
-            label = (type(plain(value)).__name__, coordinate_label(plain(value)))   # True is not 1
+            label = point_key(value)
             if label in seen:   # one point twice: two cells would claim one coordinate
                 problems.append(Problem(mark_of(doc, ("sweep", path, j)), ("sweep", path, j),
                                         f"{plain(value)!r} is the same point as the axis's value number {seen[label] + 1} "
@@ -583,14 +615,28 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
     given = plain(entry.get("with", {}))
     unswept = {key: value for key, value in plain(entry).items() if key != "sweep"}
     dim_of = axis_dims(list(entry["sweep"]))
+    schema = validator.schema.get("definitions", {}).get(f"probe.{entry['probe']}", {})
+    known = list(schema.get("properties", {}))
     for path, values in entry["sweep"].items():
         keys = path.split(".")
         where = ("probes", index, "sweep", path)
         mark = mark_of(doc, where)
         dim = dim_of[path]
+        if schema.get("additionalProperties") is False and keys[0] not in known:
+            hint = (f"; paths lead into 'with:': write {'.'.join(keys[1:])!r}" if keys[0] == "with" and len(keys) > 1
+                    else _suggest(keys[0], known))
+            problems.append(Problem(mark, where, f"{entry['probe']} has no parameter {keys[0]!r}{hint} "
+                                                 f"(its parameters: {', '.join(known)})"))
+            continue
+        inside = [other for other in entry["sweep"] if path.startswith(other + ".")]
+        if inside:
+            problems.append(Problem(mark, where, f"{path!r} lies inside {inside[0]!r}, which is swept too; "
+                                                 "sweep one of them"))
+            continue
         if dim in reserved or dim in RESERVED_DIMS:
             problems.append(Problem(mark, where, f"a sweep axis may not be named {dim!r} (a cell dim of this spec, "
-                                                 "or reserved by xarray's sel or by basinprobe)"))
+                                                 "or reserved by xarray's sel or by basinprobe); write one entry "
+                                                 "per value instead"))
         node = given
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
@@ -601,7 +647,7 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
         seen = {}
         for j, value in enumerate(values):
             value_where = where + (j,)
-            label = (type(plain(value)).__name__, coordinate_label(plain(value)))
+            label = point_key(value)
             if label in seen:
                 problems.append(Problem(mark_of(doc, value_where), value_where,
                                         f"{plain(value)!r} is the same point as the axis's value number "

@@ -36,7 +36,6 @@ import torch
 import xarray as xr
 import zarr
 
-from basinprobe.runtime.spec import coordinate_label
 
 STAGING_CELLS = "_cells"
 STAGING_POINTS = "_points"
@@ -320,7 +319,7 @@ class RunStore:
         """Build every labelled group from staged and previously assembled cells; then clean up."""
         status = self.status()
         dims = spec.cell_dims
-        order = {axis.dim: [coordinate_label(v) for v in axis.values] for axis in spec.sweep}
+        order = {axis.dim: list(axis.labels) for axis in spec.sweep}
         staged = {name for (_, name), record in status.items() if record["staged"]}
         for entry in spec.probes:
             assembled = self.path / entry.name / "zarr.json"
@@ -407,7 +406,7 @@ class RunStore:
             pieces.append((ds, coords))
         if not pieces:
             return
-        order = {axis.dim: [coordinate_label(v) for v in axis.values] for axis in spec.sweep}
+        order = {axis.dim: list(axis.labels) for axis in spec.sweep}
         group = _combine(pieces, sweep_dims, order)
         group["n_params"] = group["n_params"].fillna(0).astype(np.int64)
         group["params"].attrs.update(description="flat parameter vector at each checkpoint (NaN-padded where "
@@ -431,7 +430,7 @@ def _assembled_cell(group: xr.Dataset | None, coords: dict) -> xr.Dataset | None
 # Why a variable of an assembled group holds NaN that no cell stored: said in its ``nan_means``
 # after the probe's own reasons, because NaN must never go unexplained.
 FAILED_CELL = "the cell failed (the group's `failed` attr says why)"
-NOT_STORED = "the cell did not store this variable"
+NOT_STORED = "the cell (or this point of the entry's own sweep) did not store this variable"
 PADDED = ("padding: other cells, or other points of the entry's own sweep, have more entries along this "
           "variable's own dims (e.g. a sweep over widths, or over top_k)")
 GAP_NOTES = (FAILED_CELL, NOT_STORED, PADDED)
@@ -579,6 +578,12 @@ def _combine(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order: dict,
         seen = set(combined[dim].values.tolist()) | {coords[dim] for coords in failed if dim in coords}
         labels = [v for v in order[dim] if v in seen] if dim in order else sorted(seen)
         combined = combined.reindex({dim: labels})
+    # the probe's own labels in the order the probe gave them (merge sorts them: test before train)
+    for dim in [d for d in combined.dims if d not in dims and d in combined.coords]:
+        first_seen = list(dict.fromkeys(label for piece in pieces if dim in piece.coords
+                                        for label in piece[dim].values.tolist()))
+        if len(first_seen) == combined.sizes[dim]:
+            combined = combined.reindex({dim: first_seen})
     if "checkpoint" in combined.dims:   # also a probe dim (of _checkpoints), which merge may leave unsorted
         combined = combined.sortby("checkpoint")
     # merge's outer join makes every integer variable float to hold NaN; where none is needed
@@ -625,7 +630,7 @@ def _combine_alike(cells: list[tuple[xr.Dataset, dict]], dims: list[str], order:
     placed = [(tuple(position[d].get(coords[d]) for d in cell_dims), ds) for ds, coords in cells]
     placed = [(index, ds) for index, ds in placed if None not in index]
     grid = tuple(len(labels[d]) for d in cell_dims)
-    complete = len(placed) == int(np.prod(grid))
+    complete = len({index for index, _ in placed}) == int(np.prod(grid))
     data = {}
     for name, var in template.items():
         if not complete and var.dtype.kind not in "fc":
@@ -651,8 +656,8 @@ def _merge_attrs(per_cell: list[dict], fixed: dict, labels: list[str] | None = N
         values = [json.dumps(a.get(key), sort_keys=True) for a in per_cell]
         if len(set(values)) == 1:
             merged[key] = per_cell[0][key]
-        elif labels is not None:
-            merged[key] = "varies: " + "; ".join(f"{label}: {value}" for label, value in zip(labels, values))[:2000]
+        elif labels is not None:   # each value under its label, e.g. {"top_k=2": 48, "top_k=4": 50}
+            merged[key] = {label: a.get(key) for label, a in zip(labels, per_cell)}
         else:
             merged[key] = "varies by cell: " + "; ".join(sorted(set(values)))[:2000]
     return merged

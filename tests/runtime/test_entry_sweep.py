@@ -1,5 +1,6 @@
 """A probe entry's own sweep over its ``with:`` block: one dim of its group per swept parameter."""
 
+import json
 import re
 
 import numpy as np
@@ -107,12 +108,18 @@ def test_changing_an_entry_sweep_recomputes_that_entry_only(write_spec, tmp_path
 
 @pytest.mark.parametrize("entry, line, message", [
     ("{probe: langevin, sweep: {localisation: [1.0, 10.0]}}", 11,
-     r"unknown key 'localisation'; did you mean 'localization'"),
+     r"sweep.localisation: langevin has no parameter 'localisation'; did you mean 'localization'"),
+    ("{probe: langevin, sweep: {with.localization: [1.0, 10.0]}}", 11,
+     r"paths lead into 'with:': write 'localization'"),
+    ("{probe: hessian_spectrum, sweep: {data: [{split: train}], data.split: [test]}}", 11,
+     r"'data.split' lies inside 'data', which is swept too; sweep one of them"),
+    ("{probe: langevin, sweep: {localization: [1, 1.0]}}", 11, r"1.0 is the same point as the axis's value number 1"),
     ("{probe: langevin, sweep: {localization: [1.0, -2.0]}}", 11, r"-2.0 is out of range"),
     ("{probe: langevin, sweep: {localization: [1.0, 1.0]}}", 11, r"1.0 is the same point as the axis's value number 1"),
     ("{probe: langevin, with: {chains: 4}, sweep: {chains: [2, 8]}}", 11,
      r"'chains' is both set in 'with:' and swept; remove it from 'with:'"),
-    ("{probe: langevin, sweep: {seed: [1, 2]}}", 11, r"a sweep axis may not be named 'seed'"),
+    ("{probe: hessian_spectrum, sweep: {method: [dense, lanczos]}}", 11,
+     r"a sweep axis may not be named 'method' .*; write one entry per value instead"),
     ("{probe: langevin, with: {chains: 4}, sweep: {chains.x: [1]}}", 11, r"'chains.x' is not a path into the entry's 'with:' block"),
     ("{probe: langevin, sweep: {localization: []}}", 11, r"should be non-empty"),
 ])
@@ -120,6 +127,54 @@ def test_bad_entry_sweeps_are_errors_at_their_line(write_spec, entry, line, mess
     with pytest.raises(SpecError, match=message) as caught:
         load_spec(write_spec(with_entries(entry)))
     assert re.search(rf"spec\.yaml:{line}:", str(caught.value)), str(caught.value)
+
+
+def test_an_unknown_parameter_is_reported_once_at_its_key(write_spec):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(with_entries("{probe: hessian_spectrum, sweep: {top_kk: [2, 4]}}")))
+    assert len(caught.value.problems) == 1 and caught.value.problems[0].path == ("probes", 0, "sweep", "top_kk")
+
+
+def test_values_of_mixed_kinds_are_text_labels_and_each_point_is_stored(write_spec, tmp_path):
+    entries = (f"{{name: llc, probe: langevin, at: last, with: {LLC.replace(', step_size: 0.001', '')}, "
+               "sweep: {step_size: [auto, 0.001]}}",
+               "{name: sub, probe: lottery_subspace, at: last, with: {repeats: 1, steps: 5, dims: [2]}, "
+               "sweep: {stability: [{k: 2}, false]}}",
+               # a nested path into a parameter whose default is no mapping (stability: false)
+               "{name: nested, probe: lottery_subspace, at: last, with: {repeats: 1, steps: 5, dims: [2]}, "
+               "sweep: {stability.k: [2]}}")
+    assert run_spec(load_spec(write_spec(with_entries(*entries)))).ok
+    tree = open_results(tmp_path / "out.zarr")
+    llc = tree["llc"].to_dataset()
+    assert llc["step_size"].values.tolist() == ["auto", "0.001"]
+    # the step size the probe reports cannot share the dim's name: it is kept beside it
+    assert llc["step_size_result"].sel(step_size="0.001").values.tolist() == [[0.001], [0.001]]   # seed, checkpoint
+    assert "stored_as" in llc["step_size_result"].attrs
+    assert np.isfinite(llc["llc"].values).all() and np.isfinite(llc["step_size_result"].values).all()
+    sub = tree["sub"].to_dataset()
+    assert sub["stability"].values.tolist() == ['{"k":2}', "false"]
+    finite = [name for name, var in sub.data_vars.items() if "stability" in var.dims and var.dtype.kind == "f"
+              and "nan_means" not in var.attrs]
+    assert finite and all(np.isfinite(sub[name].values).all() for name in finite)
+    for value in (2, False):   # each point equals the entry with the value fixed
+        fixed = with_entries(f"{{name: sub, probe: lottery_subspace, at: last, with: {{repeats: 1, steps: 5, "
+                             f"dims: [2], stability: {json.dumps({'k': value} if value else value)}}}}}",
+                             out=f"fixed{value}.zarr")
+        assert run_spec(load_spec(write_spec(fixed, f"fixed{value}.yaml"))).ok
+        alone = open_results(tmp_path / f"fixed{value}.zarr")["sub"]
+        label = '{"k":2}' if value else "false"
+        for name in finite:
+            np.testing.assert_array_equal(sub[name].sel(stability=label).values, alone[name].values)
+    assert tree["nested"]["k"].values.tolist() == [2]
+
+
+def test_a_probe_dim_named_like_a_swept_parameter_fails_with_the_fix(write_spec):
+    report = run_spec(load_spec(write_spec(with_entries(
+        "{name: vol, probe: basin_volume, at: last, with: {directions: 8, estimators: [monte_carlo]}, "
+        "sweep: {epsilon: [[0.01, 0.1], [0.2]]}}"))))
+    assert len(report.failures) == 2
+    assert "a dim 'epsilon' of their own, which the entry's sweep also names: give the values as one list in 'with:'" \
+        in report.failures[0]
 
 
 def test_a_probe_parameter_in_the_spec_sweep_points_to_the_entry_sweep(write_spec):
@@ -155,7 +210,7 @@ def test_a_probe_dim_named_like_a_swept_parameter_fails_its_cells_clearly(write_
                      registry=registry)
     report = run_spec(spec, registry=registry)
     assert not report.ok and len(report.failures) == 6
-    assert "dim 'factor' collides with a cell dim of this spec" in report.failures[0]
+    assert "the probe's results have a dim 'factor' of their own" in report.failures[0]
 
 
 def test_probe_check_runs_for_every_point_of_an_entry_sweep(write_spec):
@@ -164,3 +219,12 @@ def test_probe_check_runs_for_every_point_of_an_entry_sweep(write_spec):
                      registry=registry)
     with pytest.raises(SpecError, match=r"at probes.0.with: at factor=1000.0: factor 1000.0 exceeds the 51 "):
         run_spec(spec, registry=registry)
+
+
+def test_labels_the_probe_gives_keep_its_order_where_points_differ_in_them(write_spec, tmp_path):
+    spec = write_spec(with_entries("{name: ev, probe: evaluate, sweep: {splits: [[train], [train, test]]}}"))
+    assert run_spec(load_spec(spec)).ok
+    loss = open_results(tmp_path / "out.zarr")["ev"]["loss"]
+    assert loss["split"].values.tolist() == ["train", "test"]   # not sorted: test, train
+    assert np.isnan(loss.sel(splits='["train"]', split="test")).all()
+    assert np.isfinite(loss.sel(splits='["train","test"]')).all()
