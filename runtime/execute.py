@@ -417,7 +417,7 @@ def _cell_context(point: PointPlan, state: PointState, checkpoint: int, shop: Wo
                        progress_factory=reporter.task, compile=bool(shop.spec.execution.get("compile", False)))
 
 
-def measure(entry, contexts: list, seeds: list[int], forbidden_dims, run) -> list[xr.Dataset]:
+def _measure(entry, contexts: list, seeds: list[int], forbidden_dims, run) -> list[xr.Dataset]:
     """``run(params)`` (one Dataset per context) once per point of the entry's own sweep, each
     time from the entry's seed afresh: the points differ in their parameters only, not in their
     random numbers. Each context gets its results checked and labelled along the entry's sweep
@@ -472,7 +472,7 @@ def _run_entry(probe, ctx, entry, key: str, coords: dict, forbidden_dims, seed: 
     """Run one probe entry on one cell (or group), write its result or its failure at once."""
     started = time.perf_counter()
     try:
-        result, = measure(entry, [ctx], [seed], forbidden_dims, lambda params: [probe.run(ctx, params)])
+        result, = _measure(entry, [ctx], [seed], forbidden_dims, lambda params: [probe.run(ctx, params)])
         error = trace = None
     except KeyboardInterrupt:
         raise
@@ -585,7 +585,7 @@ def _run_batch(batch: list, spec, shop: Workshop, store: RunStore, reporter, rep
     seeds = [derive_seed(ctx.cell_seed, entry.name) for ctx in contexts]
     started = time.perf_counter()
     try:
-        results = measure(entry, contexts, seeds, spec.cell_dims, lambda params: probe.run_batched(contexts, params))
+        results = _measure(entry, contexts, seeds, spec.cell_dims, lambda params: probe.run_batched(contexts, params))
     except KeyboardInterrupt:
         raise
     except Exception:  # a failure inside a batch is attributed cell by cell, unbatched

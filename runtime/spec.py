@@ -103,8 +103,8 @@ class SweepAxis:
 
     @functools.cached_property
     def labels(self) -> tuple:
-        """The coordinate of each value (:func:`axis_labels`)."""
-        return tuple(axis_labels(self.values))
+        """The coordinate of each value (:func:`_axis_labels`)."""
+        return tuple(_axis_labels(self.values))
 
 
 @dataclass(frozen=True)
@@ -294,7 +294,7 @@ def _kind(value) -> str:
         "str" if isinstance(value, str) else "json"
 
 
-def axis_labels(values) -> list:
+def _axis_labels(values) -> list:
     """The coordinates of a sweep axis: :func:`coordinate_label` of each value where they are of
     one kind (numbers, strings, booleans, or lists and mappings); text for all where kinds mix
     (``[auto, 0.001]`` -> ``"auto"``, ``"0.001"``; ``[{k: 2}, false]`` -> ``'{"k":2}'``,
@@ -305,7 +305,7 @@ def axis_labels(values) -> list:
     return [v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in values]
 
 
-def point_key(value) -> tuple:
+def _point_key(value) -> tuple:
     """Values that are one point of an axis share this: 1 and 1.0 do, True and 1 do not."""
     value = plain(value)
     if _kind(value) == "number":
@@ -567,7 +567,7 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
         dims[dim] = path
         seen = {}
         for j, value in enumerate(values):
-            label = point_key(value)
+            label = _point_key(value)
             if label in seen:   # one point twice: two cells would claim one coordinate
                 problems.append(Problem(mark_of(doc, ("sweep", path, j)), ("sweep", path, j),
                                         f"{plain(value)!r} is the same point as the axis's value number {seen[label] + 1} "
@@ -647,7 +647,7 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
         seen = {}
         for j, value in enumerate(values):
             value_where = where + (j,)
-            label = point_key(value)
+            label = _point_key(value)
             if label in seen:
                 problems.append(Problem(mark_of(doc, value_where), value_where,
                                         f"{plain(value)!r} is the same point as the axis's value number "
