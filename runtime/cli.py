@@ -46,6 +46,11 @@ def cmd_plan(args) -> int:
     from basinprobe.runtime.plan import compile_plan, estimate_cost
 
     spec = _spec(args)
+    if args.device is not None:
+        problem = _device_problem(args.device, dask=False)
+        if problem:
+            print(f"error: --device {args.device}: {problem}", file=sys.stderr)
+            return EXIT_SPEC
     registry = load_registry()
     plan = compile_plan(spec, registry)
     shop = Workshop(spec, registry, resolve_device("cpu"), resolve_dtype(spec.dtype))
@@ -99,19 +104,15 @@ def _time_plan(args, spec, plan, registry, cost, console) -> int:
     from basinprobe.runtime.plan import estimate_seconds, points_to_time
     from basinprobe.runtime.progress import Reporter, stderr_console
 
-    if args.device is not None:
-        problem = _device_problem(args.device, dask=False)
-        if problem:
-            print(f"error: --device {args.device}: {problem}", file=sys.stderr)
-            return EXIT_SPEC
     keys = points_to_time(plan, cost)
     # The first point run in a process pays for what a process does once (imports, first calls
     # into torch): with more points to come, it runs twice, and the difference is counted once.
     warm_up = len(plan.points) > 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProbeWarning)   # the run itself reports them
+        err = stderr_console()   # progress bars on a terminal; no line per cell
         timings, device = time_points(spec, plan, registry, keys[:1] * warm_up + keys, args.device,
-                                      Reporter(console=stderr_console()))
+                                      Reporter(console=err, quiet=not err.is_terminal))
     first = 0.0
     if warm_up:
         first = max(timings[0].seconds - timings[1].seconds, 0.0)
@@ -120,16 +121,21 @@ def _time_plan(args, spec, plan, registry, cost, console) -> int:
         where = f"sweep point {', '.join(f'{k}={v}' for k, v in timing.coords.items())}" if timing.coords else "the spec"
         parts = [f"{name} {duration(seconds)}" for name, seconds in timing.probes.items()]
         console.print(f"timed {where} on {device}: {duration(timing.seconds)} (training and set-up "
-                      f"{duration(timing.setup)}; {', '.join(parts) or 'no probe cells'})", highlight=False)
+                      f"{duration(timing.setup)}; {', '.join(parts) or 'no probe cells'})", highlight=False, markup=False)
+        # one line per kind of failure: a diverged training run fails every later cell alike
+        alike: dict[str, list[str]] = {}
         for failure in timing.failures:
-            console.print(f"  failed while timing: {failure}", highlight=False)
+            alike.setdefault(_kind_of(failure), []).append(failure)
+        for group in alike.values():
+            more = f" [and {len(group) - 1} more like it]" if len(group) > 1 else ""
+            console.print(f"  failed while timing: {group[0]}{more}", highlight=False, markup=False)
     estimate = estimate_seconds(plan, cost, timings)
     total = first + estimate["train"] + sum(estimate["probes"].values())
     parts = [f"{name} {duration(seconds)}" for name, seconds in estimate["probes"].items()]
     console.print(f"estimated time of the whole run, one process on {device}: about {duration(total)} "
                   + (f"(a process's first point {duration(first)} more; " if warm_up else "(")
                   + f"training and set-up {duration(estimate['train'])}; {', '.join(parts) or 'no probe cells'})",
-                  highlight=False)
+                  highlight=False, markup=False)
     others = len(plan.points) - len(timings)
     notes = [f"the other {others} sweep point{'s' * (others != 1)} from the timed "
              f"one{'s' * (len(timings) > 1)} by the cost model"] if others else []
@@ -137,7 +143,7 @@ def _time_plan(args, spec, plan, registry, cost, console) -> int:
     if untimed:
         notes.append(f"not timed: {', '.join(untimed)} (group-scoped, or no cells at the timed points)")
     if notes:
-        console.print("  " + "; ".join(notes), highlight=False)
+        console.print("  " + "; ".join(notes), highlight=False, markup=False)
     return 0
 
 

@@ -289,7 +289,9 @@ def time_points(spec: Spec, plan: Plan, registry: Registry, keys: list[str], dev
                 store.open_for(spec, recorded, spec.dtype, overwrite=True)
                 report = RunReport(str(store.path))
                 started = time.perf_counter()
-                run_point(point, spec, shop, store, {}, reporter, report, {})
+                # trained here, also where only group-scoped entries will use the point
+                states = {point.key: _point_state(point, shop, store, reporter)}
+                run_point(point, spec, shop, store, {}, reporter, report, states)
                 seconds = time.perf_counter() - started
                 probes: dict[str, float] = {}
                 for (_, entry), record in store.status([cell.key for cell in point.cells]).items():

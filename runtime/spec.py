@@ -139,12 +139,14 @@ class ProbeEntry:
         """:attr:`params` without the swept ones, whose values are the group's coordinates."""
         fixed = copy.deepcopy(self.params)
         for axis in self.sweep:
-            *parents, last = axis.path.split(".")
+            keys = axis.path.split(".")
             node = fixed
-            for key in parents:
-                node = node.get(key) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node.pop(last, None)
+            for depth, key in enumerate(keys):
+                # the value itself, or a default the sweep replaces by a block (stability: false)
+                if depth == len(keys) - 1 or not isinstance(node.get(key), dict):
+                    node.pop(key, None)
+                    break
+                node = node[key]
         return fixed
 
     def selects(self, steps: list[int]) -> list[int]:
@@ -369,7 +371,9 @@ def _translate(error: jsonschema.ValidationError, document, mark_override: Mark 
             if key not in allowed:
                 key_mark = mark_override or mark_of(document, path + (key,))
                 problems.append(Problem(key_mark, path + (key,),
-                                        f"unknown key {key!r}{_suggest(key, allowed)} (allowed: {', '.join(allowed)})"))
+                                        f"unknown key {key!r}{_suggest(key, allowed)} (allowed: {', '.join(allowed)})"
+                                        + ("; a key needs ': ' (a colon and a space) before its value"
+                                           if ":" in str(key) else "")))
         return problems
     if error.validator == "enum" and isinstance(error.instance, str):
         options = error.validator_value
@@ -494,17 +498,26 @@ def _yaml_fix(exc: yaml.YAMLError) -> str:
     if "'\\t'" in problem:
         return "; YAML indents with spaces only: replace the tab with spaces"
     if problem.startswith("found character") and "cannot start any token" in problem:
-        return "; a value starting with this character must be quoted, e.g. \"@value\""
+        char = problem.split("'")[1] if problem.count("'") >= 2 else "@"
+        return f"; a value starting with {char!r} must be quoted, e.g. \"{char}value\""
     if problem == "mapping values are not allowed here":
         return ("; a second ': ' where a value was expected: quote a value that holds ': ', or indent "
                 "this key like the keys it belongs with")
+    if problem in ("expected <block end>, but found '}'", "expected <block end>, but found ']'"):
+        return f"; a stray '{problem[-2]}': remove it, or open the bracket it closes"
+    if problem == "expected <block end>, but found '<scalar>'":
+        return ("; text after a value that has ended (at its closing quote or bracket), or a line indented like "
+                "no level above: put the text inside the value, or indent the line like the keys it belongs with")
+    if problem == "but found another document":
+        return "; a spec is one YAML document: remove the second '---'"
     if problem.startswith("expected <block end>"):
         return ("; this line does not continue the block above it: indent it like the keys (or '- ' items) it "
                 "belongs with, and keep a mapping's keys and a list's items on levels of their own")
     if problem.startswith(("expected ',' or '}'", "expected ',' or ']'")):
         bracket = "{" if problem.startswith("expected ',' or '}'") else "["
+        quote = ", or a value holding ': ' is not quoted" if problem.endswith("but got ':'") else ""
         return (f"; the '{bracket}' opened{at} is not closed, or two of its items lack a ',' between "
-                "them (write {a: 1, b: 2} and [1, 2])")
+                f"them (write {{a: 1, b: 2}} and [1, 2]){quote}")
     if "quoted scalar" in context:
         return f"; the quote opened{at} is never closed"
     if problem.startswith("found undefined alias") or "an alias" in context or "an anchor" in context:
@@ -588,6 +601,16 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
     for i, entry in enumerate(doc["probes"]):
         if "sweep" in entry:
             problems += _check_entry_sweep(doc, i, validator, reserved=set(dims) | {"checkpoint"})
+    if doc.get("dtype", "float32") == "float32":
+        # training casts its hyperparameters to the parameters' dtype; past float32's range torch
+        # raised an overflow error from inside an update
+        found = list(_beyond_float32(doc.get("train", {}), ("train",)))
+        for path, values in doc.get("sweep", {}).items():
+            if path.split(".")[0] == "train":
+                found += list(_beyond_float32(values, ("sweep", path)))
+        problems += [Problem(mark_of(doc, where), where, f"{value!r} is beyond float32's range (largest "
+                                                         f"{FLOAT32_MAX:.4g}); give a smaller value, or dtype: float64")
+                     for where, value in found]
     if "output" in doc:
         written = os.path.expandvars(doc["output"])
         try:
@@ -607,6 +630,20 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
     return problems
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _beyond_float32(node, path=()):
+    if isinstance(node, (int, float)) and not isinstance(node, bool) and abs(node) > FLOAT32_MAX:
+        yield path, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _beyond_float32(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _beyond_float32(v, path + (i,))
+
+
 def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[Problem]:
     """Problems of probe entry ``index``'s own sweep: its dims must be new names, each path must
     lead into ``with:`` (and not be set there too), and each value must make a valid entry."""
@@ -616,17 +653,18 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
     unswept = {key: value for key, value in plain(entry).items() if key != "sweep"}
     dim_of = axis_dims(list(entry["sweep"]))
     schema = validator.schema.get("definitions", {}).get(f"probe.{entry['probe']}", {})
-    known = list(schema.get("properties", {}))
     for path, values in entry["sweep"].items():
         keys = path.split(".")
         where = ("probes", index, "sweep", path)
         mark = mark_of(doc, where)
         dim = dim_of[path]
-        if schema.get("additionalProperties") is False and keys[0] not in known:
-            hint = (f"; paths lead into 'with:': write {'.'.join(keys[1:])!r}" if keys[0] == "with" and len(keys) > 1
-                    else _suggest(keys[0], known))
-            problems.append(Problem(mark, where, f"{entry['probe']} has no parameter {keys[0]!r}{hint} "
-                                                 f"(its parameters: {', '.join(known)})"))
+        unknown = _unknown_key(schema, keys)
+        if unknown:
+            depth, known = unknown
+            what = f"parameter {keys[0]!r}" if depth == 0 else f"key {keys[depth]!r} in {'.'.join(keys[:depth])!r}"
+            hint = (f"; paths lead into 'with:': write {'.'.join(keys[1:])!r}" if keys[:1] == ["with"] and len(keys) > 1
+                    else _suggest(keys[depth], known))
+            problems.append(Problem(mark, where, f"{entry['probe']} has no {what}{hint} (known: {', '.join(known)})"))
             continue
         inside = [other for other in entry["sweep"] if path.startswith(other + ".")]
         if inside:
@@ -644,7 +682,7 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
             problems.append(Problem(mark, where, f"{path!r} is both set in 'with:' and swept; "
                                                  "remove it from 'with:'"))
             continue
-        seen = {}
+        seen, found = {}, []
         for j, value in enumerate(values):
             value_where = where + (j,)
             label = _point_key(value)
@@ -664,8 +702,30 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
             probes = list(plain(doc["probes"]))
             probes[index] = trial
             errors = validator.descend(probes, validator.schema["properties"]["probes"], path="probes")
-            problems += _validate(doc, validator, mark_override=mark_of(doc, value_where), errors=errors)
+            found.append(_validate(doc, validator, mark_override=mark_of(doc, value_where), errors=errors))
+        # what every value gets wrong is the axis's problem: said once, at its key
+        shared = set.intersection(*({(p.path, p.message) for p in value_problems} for value_problems in found)) \
+            if len(found) > 1 else set()
+        problems += [Problem(mark, path_, message) for path_, message in sorted(shared, key=str)]
+        problems += [p for value_problems in found for p in value_problems if (p.path, p.message) not in shared]
     return problems
+
+
+def _unknown_key(schema: dict, keys: list[str]) -> tuple[int, list[str]] | None:
+    """Where ``keys`` leave what ``schema`` allows: the depth of the first key no mapping of
+    the schema (or of its anyOf/oneOf branches) has, and the keys it has; None where every key
+    is known, or where a mapping on the way takes any key."""
+    level = [schema]
+    for depth, key in enumerate(keys):
+        mappings = [s for node in level for s in [node, *node.get("anyOf", []), *node.get("oneOf", [])]
+                    if isinstance(s, dict) and ("properties" in s or s.get("type") == "object")]
+        if not mappings or any(s.get("additionalProperties") is not False for s in mappings):
+            return None
+        known = list(dict.fromkeys(k for s in mappings for k in s.get("properties", {})))
+        if key not in known:
+            return depth, known
+        level = [s["properties"][key] for s in mappings if key in s.get("properties", {})]
+    return None
 
 
 def _point_config(raw: dict, base: Path) -> PointConfig:

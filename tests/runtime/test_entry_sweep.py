@@ -129,10 +129,26 @@ def test_bad_entry_sweeps_are_errors_at_their_line(write_spec, entry, line, mess
     assert re.search(rf"spec\.yaml:{line}:", str(caught.value)), str(caught.value)
 
 
-def test_an_unknown_parameter_is_reported_once_at_its_key(write_spec):
+@pytest.mark.parametrize("entry, path, message", [
+    ("{probe: hessian_spectrum, sweep: {top_kk: [2, 4]}}", "top_kk", "no parameter 'top_kk'; did you mean 'top_k'"),
+    ("{probe: lottery_subspace, sweep: {stability.kk: [1, 2]}}", "stability.kk",
+     "no key 'kk' in 'stability'; did you mean 'k'? (known: k)"),
+    ("{probe: hessian_spectrum, sweep: {data.splt: [train, test]}}", "data.splt", "no key 'splt' in 'data'"),
+])
+def test_an_unknown_parameter_is_reported_once_at_its_key(write_spec, entry, path, message):
     with pytest.raises(SpecError) as caught:
-        load_spec(write_spec(with_entries("{probe: hessian_spectrum, sweep: {top_kk: [2, 4]}}")))
-    assert len(caught.value.problems) == 1 and caught.value.problems[0].path == ("probes", 0, "sweep", "top_kk")
+        load_spec(write_spec(with_entries(entry)))
+    (problem,) = caught.value.problems
+    assert problem.path == ("probes", 0, "sweep", path) and message in problem.message
+
+
+def test_what_every_value_gets_wrong_is_said_once_at_the_key(write_spec):
+    with pytest.raises(SpecError) as caught:   # a mapping without the required k, twice
+        load_spec(write_spec(with_entries("{probe: lottery_subspace, sweep: {stability: [{}, {}]}}")))
+    assert len(caught.value.problems) == 2   # the two values are the same point; the first lacks k
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(with_entries("{probe: langevin, sweep: {chains: [0, -1]}}")))
+    assert len(caught.value.problems) == 2   # each value wrong in its own way: at its own column
 
 
 def test_values_of_mixed_kinds_are_text_labels_and_each_point_is_stored(write_spec, tmp_path):
@@ -166,6 +182,8 @@ def test_values_of_mixed_kinds_are_text_labels_and_each_point_is_stored(write_sp
         for name in finite:
             np.testing.assert_array_equal(sub[name].sel(stability=label).values, alone[name].values)
     assert tree["nested"]["k"].values.tolist() == [2]
+    # the default the sweep replaced is no param of the group either
+    assert "stability" not in tree["nested"].attrs["params"] and tree["nested"].attrs["sweep"] == {"stability.k": [2]}
 
 
 def test_a_probe_dim_named_like_a_swept_parameter_fails_with_the_fix(write_spec):

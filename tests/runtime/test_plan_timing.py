@@ -72,6 +72,17 @@ def test_timing_runs_the_points_in_a_scratch_store_and_reports_failures(write_sp
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_points_only_group_probes_use_are_trained_and_timed(write_spec):
+    path = write_spec(TINY_SPEC.replace("  - {name: eval, probe: evaluate}",
+                                        "  - {name: mc, probe: mode_connectivity, at: last, "
+                                        "with: {pairs: {sweep: seed}, alphas: 3}}"))
+    spec, plan, cost = costed(path)
+    (timing,), _ = time_points(spec, plan, load_registry(), points_to_time(plan, cost))
+    assert timing.probes == {} and timing.setup > 0
+    estimate = estimate_seconds(plan, cost, [timing])
+    assert estimate["train"] == pytest.approx(2 * timing.setup) and estimate["probes"] == {}
+
+
 def test_plan_time_prints_an_estimate_and_writes_nothing(write_spec, cli, tmp_path):
     spec = write_spec(WIDTHS.replace("seed: [0, 1, 2]", "seed: [0]"))
     code, out, err = cli("plan", spec, "--time", "--max-cells", "1")
@@ -81,3 +92,18 @@ def test_plan_time_prints_an_estimate_and_writes_nothing(write_spec, cli, tmp_pa
     assert "estimated time of the whole run, one process on cpu: about" in flat
     assert not (tmp_path / "out.zarr").exists()
     assert cli("plan", spec, "--time", "--device", "cuda:7")[0] == 2
+    assert cli("plan", spec, "--device", "garbage")[0] == 2
+
+
+def test_plan_time_says_each_cause_of_failure_once(write_spec, cli):
+    # gradient descent far above 2/lambda_max on a linear regression diverges: every later cell fails alike
+    spec = write_spec(TINY_SPEC.replace("lr: 0.1", "lr: 50.0").replace("hidden: [6], out: 3", "hidden: [], out: 1").replace(
+        "{kind: gaussian_mixture, with: {n: 60, in: 4, classes: 3}, batch_size: 32}",
+        "{kind: teacher_student, with: {n: 60, in: 4}, batch_size: 32}").replace("cross_entropy", "mse").replace(
+        "steps: 20", "steps: 200").replace("at: [0, 10, 20]", "at: [0, 100, 200]").replace("sweep: {seed: [0, 1]}", ""))
+    code, out, err = cli("plan", spec, "--time", "--max-cells", "1")
+    assert code == 0, err
+    failed = [line for line in " ".join(out.split()).split("failed while timing")[1:]]
+    assert len(failed) == 1 and "checkpoint=100 eval: no checkpoint at step 100: training diverged" in failed[0]
+    assert "training diverged" in failed[0] and "[and 1 more like it] estimated time" in failed[0], out
+    assert "done in" not in err   # no line per cell

@@ -36,6 +36,12 @@ def test_malformed_yaml_names_line(write_spec):
     assert "malformed YAML" in problems[0].message
 
 
+def test_a_hyperparameter_beyond_float32_is_an_error_at_its_line(write_spec):
+    _, problems = problems_of(write_spec, GOOD.replace("lr: 1e-2", "lr: 1e300"))
+    assert problems[0].mark.line == 5 and "beyond float32's range" in problems[0].message
+    load_spec(write_spec(GOOD.replace("lr: 1e-2", "lr: 1e300") + "dtype: float64\n"))
+
+
 @pytest.mark.parametrize("old, new, line, fix", [
     ("  - {probe: evaluate}", "\t- {probe: evaluate}", 7, "replace the tab with spaces"),
     ("loss: mse", "loss: mse: sum", 4, "quote a value that holds ': '"),
@@ -47,6 +53,11 @@ def test_malformed_yaml_names_line(write_spec):
     ("output: out.zarr", 'output: "out.zarr', 9, "the quote opened at line 8, column 9 is never closed"),
     ("output: out.zarr", "output: *.zarr", 8, "quote the value"),
     ("output: out.zarr", "output: @out.zarr", 8, "must be quoted"),
+    ("output: out.zarr", "output: `out.zarr`", 8, "a value starting with '`' must be quoted, e.g. \"`value\""),
+    ("out: 1}}", "out: 1}}}", 2, "a stray '}': remove it, or open the bracket it closes"),
+    ("output: out.zarr", 'output: "out" .zarr', 8, "text after a value that has ended"),
+    ("loss: mse", "loss: mse\n---\nname: x", 5, "a spec is one YAML document: remove the second '---'"),
+    ("model: {kind: mlp,", "model: {kind: mlp: x,", 2, "or a value holding ': ' is not quoted"),
 ])
 def test_malformed_yaml_says_how_to_fix_it(write_spec, old, new, line, fix):
     _, problems = problems_of(write_spec, GOOD.replace(old, new))
