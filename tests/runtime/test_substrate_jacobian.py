@@ -130,6 +130,18 @@ def test_numerical_rank_counts_singular_values_above_max_shape_times_eps():
     assert jac.svd_spectrum(A, rtol=1e-6).rank == 2
 
 
+def test_a_wide_matrix_keeps_its_small_singular_values_through_the_triangular_factor():
+    # 40 x 300 (a Jacobian of 40 rows and 300 parameters), σ from 1 down to 1e-12, then exact zeros:
+    # taken through QR of Aᵀ, each σ is within a few eps·σ_max (as svdvals itself), rank 30 of 40
+    values = torch.logspace(0, -12, 30, dtype=F64).tolist()
+    A = known_rank_matrix(values, rows=40, cols=300, seed=1)
+    spectrum = jac.svd_spectrum(A)
+    assert spectrum.rank == 30
+    expected = torch.tensor(values + [0.0] * 10, dtype=F64)
+    assert (spectrum.singular_values - expected).abs().max() < 20 * torch.finfo(F64).eps
+    assert (spectrum.singular_values - torch.linalg.svdvals(A)).abs().max() < 20 * torch.finfo(F64).eps
+
+
 def test_gram_spectrum_gives_the_singular_values_and_rank_of_j():
     # rank 4 matrix: σ = 3, 2, 1, 0.5; both Grams have λ = σ² and the rank is 4
     A = known_rank_matrix([3.0, 2.0, 1.0, 0.5])
