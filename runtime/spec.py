@@ -430,15 +430,20 @@ def _validate(document, validator, mark_override: Mark | None = None, errors=Non
     return problems
 
 
-def _non_finite(node, path=()):
-    if isinstance(node, float) and not math.isfinite(node):
+def _numbers(node, path=()):
+    """Every number in ``node`` (booleans are not), with its path."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
         yield path, node
     elif isinstance(node, dict):
         for k, v in node.items():
-            yield from _non_finite(v, path + (k,))
+            yield from _numbers(v, path + (k,))
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            yield from _non_finite(v, path + (i,))
+            yield from _numbers(v, path + (i,))
+
+
+def _non_finite(node):
+    return ((path, v) for path, v in _numbers(node) if isinstance(v, float) and not math.isfinite(v))
 
 
 def _set_path(raw: dict, keys: list[str], value, replace: bool = False):
@@ -634,14 +639,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _beyond_float32(node, path=()):
-    if isinstance(node, (int, float)) and not isinstance(node, bool) and abs(node) > FLOAT32_MAX:
-        yield path, node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from _beyond_float32(v, path + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _beyond_float32(v, path + (i,))
+    return ((where, v) for where, v in _numbers(node, path) if math.isfinite(v) and abs(v) > FLOAT32_MAX)
 
 
 def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[Problem]:
