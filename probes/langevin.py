@@ -239,8 +239,11 @@ def _cell_result(trace, step_size, calibration, loss_star, grad_norm, *, params,
         raise ProbeError(f"the LLC estimate is not finite ({llc}, stderr {llc_stderr}); use a smaller step_size")
 
     if rhat > RHAT_WARNING:
+        # the step is the calibration's choice, or the user's: say which to change
+        step = (f"or give a step_size larger than the {step_size:.3g} that auto chose"
+                if params.get("step_size", "auto") == "auto" else f"or a larger step_size than {step_size:.3g}")
         messages.append(f"R-hat of the loss is {rhat:.3f} > {RHAT_WARNING}: the chains have not mixed; "
-                        "increase draws (or burn_in), or the step_size")
+                        f"increase draws (or burn_in), {step}")
     # Stationarity: chains that still drift away from w* (too short a burn-in, too weak a
     # localization) give an llc that grows with the run's length. Compare the halves after burn-in.
     half = kept.shape[1] // 2

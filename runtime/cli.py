@@ -32,8 +32,17 @@ def cmd_validate(args) -> int:
     # that does not fit its data, an unreadable data file)
     Workshop(spec, registry, resolve_device("cpu"), resolve_dtype(spec.dtype)).preflight(plan)
     print(f"{args.spec}: valid ({len(spec.probes)} probe entries, {len(plan.points)} sweep points, "
-          f"{len(plan.cells)} cells, {len(plan.groups)} groups)")
+          f"{len(plan.cells)} cells, {len(plan.groups)} runs of group-scoped probes)")
+    _note_outlook(spec)
     return 0
+
+
+def _note_outlook(spec) -> None:
+    from basinprobe.runtime.store import outlook
+
+    said = outlook(spec)
+    if said:
+        print(f"note: {said}")
 
 
 def cmd_plan(args) -> int:
@@ -87,6 +96,7 @@ def cmd_plan(args) -> int:
     console.print(f"data sets built: {len(data_nodes)} (shared by {shared_data} further sweep points)")
     console.print(f"estimated cost: training {cost['train']:.2e} flop; "
                   + ", ".join(f"{k} {v:.2e} flop" for k, v in cost["probes"].items()))
+    _note_outlook(spec)
     if args.time:
         return _time_plan(args, spec, plan, registry, cost, console)
     return 0

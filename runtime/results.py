@@ -97,7 +97,10 @@ def format_values(obj, fmt: str) -> str:
     ds = obj.to_dataset(name=obj.name or "value") if isinstance(obj, xr.DataArray) else obj
     ds = ds.drop_vars([c for c in ds.coords if c not in ds.dims])
     if ds.dims:
-        frame = ds.to_dataframe().reset_index()
+        # columns in the store's order (cell dims, then the probe's), not alphabetical
+        order = list(dict.fromkeys(d for var in ds.data_vars.values() for d in var.dims))
+        order += [d for d in ds.dims if d not in order]
+        frame = ds.to_dataframe(dim_order=order).reset_index()
     else:
         frame = pd.DataFrame({name: [var.values.item()] for name, var in ds.data_vars.items()})
     if fmt == "csv":
@@ -174,11 +177,17 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
     title = f"{obj.name}" + (f"  [{obj.attrs['description']}]" if obj.attrs.get("description") else "")
     if len(dims) == 0:
         raise ResultsError(f"{obj.name} is a single number ({obj.values.item()}); nothing to plot")
+    def spans_decades(dim):   # a sweep of gamma or lr over decades reads on a log axis
+        values = np.asarray(obj[dim].values, dtype=float)
+        return dim not in text_ticks and values.size >= 2 and values.min() > 0 and values.max() / values.min() >= 100
+
     if len(dims) == 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         obj.plot.line(ax=ax, marker="o")
         if dims[0] in text_ticks:
             ax.set_xticks(range(len(text_ticks[dims[0]])), text_ticks[dims[0]])
+        if spans_decades(dims[0]):
+            ax.set_xscale("log")
     elif len(dims) == 2:
         fig, ax = plt.subplots(figsize=(7, 5))
         image = ax.imshow(np.asarray(obj.values, dtype=float), aspect="auto", origin="lower", cmap="viridis")
@@ -196,13 +205,16 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
             if dim in text_ticks:
                 obj = obj.assign_coords({dim: text_ticks[dim]})
         g = obj.plot.line(x=x, hue=rest[1], col=rest[0], marker="o")
-        if x in text_ticks:
-            for ax in g.axs.flat:
+        for ax in g.axs.flat:
+            if x in text_ticks:
                 ax.set_xticks(range(len(text_ticks[x])), text_ticks[x])
+            if spans_decades(x):
+                ax.set_xscale("log")
         fig = g.fig
     else:
         raise ResultsError(f"{obj.name} has {len(dims)} dims ({', '.join(dims)}); select some with --sel first")
-    fig.suptitle(title, fontsize=9)
+    # above the facets' own titles, which it covered
+    fig.suptitle(title, fontsize=9, y=1.02 if len(dims) == 3 else 0.98)
     out = Path(out)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)

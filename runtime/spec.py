@@ -700,12 +700,20 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
             probes = list(plain(doc["probes"]))
             probes[index] = trial
             errors = validator.descend(probes, validator.schema["properties"]["probes"], path="probes")
-            found.append(_validate(doc, validator, mark_override=mark_of(doc, value_where), errors=errors))
+            # named by where the value is written (probes.0.sweep.top_k.1), not where it goes (with.top_k)
+            inside = ("probes", index, "with", *keys)
+            found.append([Problem(p.mark, value_where + p.path[len(inside):] if p.path[:len(inside)] == inside
+                                  else p.path, p.message)
+                          for p in _validate(doc, validator, mark_override=mark_of(doc, value_where), errors=errors)])
         # what every value gets wrong is the axis's problem: said once, at its key
-        shared = set.intersection(*({(p.path, p.message) for p in value_problems} for value_problems in found)) \
+        def alike(problem):   # the problem, wherever along the axis
+            inner = problem.path[len(where) + 1:] if problem.path[:len(where)] == where else problem.path
+            return inner, problem.message
+
+        shared = set.intersection(*({alike(p) for p in value_problems} for value_problems in found)) \
             if len(found) > 1 else set()
-        problems += [Problem(mark, path_, message) for path_, message in sorted(shared, key=str)]
-        problems += [p for value_problems in found for p in value_problems if (p.path, p.message) not in shared]
+        problems += [Problem(mark, where + inner, message) for inner, message in sorted(shared, key=str)]
+        problems += [p for value_problems in found for p in value_problems if alike(p) not in shared]
     return problems
 
 

@@ -84,6 +84,24 @@ def _open(path: Path, group: str) -> xr.Dataset:
         ctx.__exit__(None, None, None)
 
 
+def outlook(spec) -> str | None:
+    """What ``run`` will make of what is already at the spec's output (for ``validate`` and
+    ``plan``, which write nothing); None where nothing is there yet."""
+    path = Path(spec.output)
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    store = RunStore(path)
+    attrs = store.root_attrs() if store.exists() else {}
+    if "spec_sha256" not in attrs:
+        return f"{path} exists and is not a basinprobe store: run will refuse it; choose another output"
+    if attrs["spec_sha256"] == spec.sha256:
+        return f"{path} holds this spec's results: run resumes it, keeping every finished cell"
+    if attrs.get("training_sha256") == spec.training_sha256 and "entries" in attrs:
+        return f"{path} holds this spec's training with other probes: run amends it, training nothing again"
+    return (f"{path} holds results of a different spec: run will refuse it (exit 2); pass --overwrite to "
+            "replace it, or choose another output")
+
+
 class RunStore:
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -128,7 +128,7 @@ def test_chains_still_relaxing_from_w_star_are_marked_unmixed_and_warned_about()
     ds, caught = run_with_warnings(ctx, step_size=1e-5, burn_in=0, draws=200)
     # split R-hat sees the trend within the chains; llc_drift says how large it is in llc units
     assert not bool(ds.mixed) and float(ds.rhat) > 1.1 and float(ds.llc_drift) > 2 * float(ds.llc_drift_stderr)
-    assert any(w.startswith("R-hat of the loss is") for w in caught)
+    assert any(w.startswith("R-hat of the loss is") and w.endswith("or a larger step_size than 1e-05") for w in caught)
     long = run(ctx)   # the default calibrated step and burn-in: stationary, and far higher
     assert bool(long.mixed) and float(long.llc) > 4 * float(ds.llc)
 

@@ -149,6 +149,17 @@ def test_what_every_value_gets_wrong_is_said_once_at_the_key(write_spec):
     with pytest.raises(SpecError) as caught:
         load_spec(write_spec(with_entries("{probe: langevin, sweep: {chains: [0, -1]}}")))
     assert len(caught.value.problems) == 2   # each value wrong in its own way: at its own column
+    with pytest.raises(SpecError) as caught:   # both values carry the same unknown key
+        load_spec(write_spec(with_entries("{probe: lottery_subspace, sweep: {stability: [{k: 2, x: 1}, {k: 3, x: 1}]}}")))
+    (problem,) = caught.value.problems
+    assert problem.path == ("probes", 0, "sweep", "stability", "x") and "unknown key 'x'" in problem.message
+
+
+def test_a_bad_value_is_named_where_it_is_written(write_spec):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(with_entries("{probe: hessian_spectrum, sweep: {operator: [hessian, gnn]}}")))
+    (problem,) = caught.value.problems
+    assert problem.path == ("probes", 0, "sweep", "operator", 1) and "did you mean 'ggn'" in problem.message
 
 
 def test_values_of_mixed_kinds_are_text_labels_and_each_point_is_stored(write_spec, tmp_path):

@@ -107,3 +107,14 @@ def test_plan_time_says_each_cause_of_failure_once(write_spec, cli):
     assert len(failed) == 1 and "checkpoint=100 eval: no checkpoint at step 100: training diverged" in failed[0]
     assert "training diverged" in failed[0] and "[and 1 more like it] estimated time" in failed[0], out
     assert "done in" not in err   # no line per cell
+
+
+def test_validate_and_plan_say_what_run_will_make_of_the_store_there(tiny_spec, write_spec, cli):
+    assert "note:" not in cli("validate", tiny_spec)[1]
+    assert cli("run", tiny_spec, "-q")[0] == 0
+    assert "holds this spec's results: run resumes it" in cli("validate", tiny_spec)[1]
+    amended = write_spec(TINY_SPEC.replace("probe: evaluate}", "probe: evaluate, with: {splits: [test]}}"), "b.yaml")
+    assert "run amends it, training nothing again" in cli("plan", amended)[1]
+    other = write_spec(TINY_SPEC.replace("lr: 0.1", "lr: 0.2"), "c.yaml")
+    code, out, _ = cli("validate", other)
+    assert code == 0 and "holds results of a different spec: run will refuse it (exit 2); pass --overwrite" in out
