@@ -257,3 +257,17 @@ def test_labels_the_probe_gives_keep_its_order_where_points_differ_in_them(write
     assert loss["split"].values.tolist() == ["train", "test"]   # not sorted: test, train
     assert np.isnan(loss.sel(splits='["train"]', split="test")).all()
     assert np.isfinite(loss.sel(splits='["train","test"]')).all()
+
+
+def test_plot_puts_a_sweep_over_decades_on_a_log_axis(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from basinprobe.runtime import results
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    llc = xr.DataArray([3.7, 2.0, 0.9], dims=["localization"], coords={"localization": [1.0, 10.0, 100.0]}, name="llc")
+    results.plot(llc, tmp_path / "a.png")
+    results.plot(llc.assign_coords(localization=[1.0, 2.0, 3.0]), tmp_path / "b.png")
+    assert [fig.axes[0].get_xscale() for fig in drawn] == ["log", "linear"]
