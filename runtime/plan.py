@@ -204,8 +204,8 @@ def estimate_seconds(plan: Plan, cost: dict, timings: list) -> dict:
     and set-up; each probe entry) of a point is taken to cost ``a * runs + b * flop``: a fixed
     time per run (a training run; an entry's run on one cell), which dominates small models, and
     a time per flop of :func:`estimate_cost`. Two timed points fix a and b; one (or two whose runs
-    and flop are in proportion) scales by flop, so that points alike to it count its time. Entries no timed point ran
-    (group-scoped ones) are left out."""
+    and flop are in proportion) scales by flop, so that points alike to it count its time.
+    Entries no timed point ran (group-scoped ones) are left out."""
     runs = {point.key: {"train": 1, **{e.name: 0 for e in plan.spec.probes}} for point in plan.points}
     for point in plan.points:
         for cell in point.cells:
