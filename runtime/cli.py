@@ -257,8 +257,14 @@ def cmd_plot(args) -> int:
 
     tree = open_results(args.store)
     obj = select(tree, args.target, args.sel)
+    # a variable with a standard error beside it (llc and llc_stderr) gets error bars
+    group, _, var = args.target.partition("/")
+    stderr = None
+    if var and f"{var}_stderr" in tree[group].to_dataset().data_vars:
+        stderr = select(tree, f"{group}/{var}_stderr", args.sel)
+        stderr = stderr if stderr.dims == obj.dims else None
     out = args.output or f"{args.target.replace('/', '_')}.png"
-    print(plot(obj, out))
+    print(plot(obj, out, stderr))
     return 0
 
 

@@ -152,8 +152,9 @@ def export_checkpoints(tree: xr.DataTree, out: str | Path, sel: list[str]) -> li
     return written
 
 
-def plot(obj: xr.DataArray, out: str | Path) -> Path:
-    """A 1-D variable as lines (other dims as separate lines or facets), a 2-D one as a heatmap."""
+def plot(obj: xr.DataArray, out: str | Path, stderr: xr.DataArray | None = None) -> Path:
+    """A 1-D variable as lines (other dims as separate lines or facets), a 2-D one as a heatmap;
+    with ``stderr`` (its standard error, alike in dims), error bars on the lines."""
     try:
         import matplotlib
 
@@ -164,6 +165,8 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
     if not isinstance(obj, xr.DataArray):
         raise ResultsError("plot takes GROUP/VAR, a single variable")
     obj = obj.squeeze(drop=True)
+    if stderr is not None:
+        stderr = stderr.squeeze(drop=True).transpose(*obj.dims)
     text_ticks = {}
     for dim in obj.dims:
         # dims without coordinates plot against their index; text coordinates (align method,
@@ -173,6 +176,8 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
         elif obj[dim].dtype.kind not in "iufb":
             text_ticks[dim] = [str(v) for v in obj[dim].values]
             obj = obj.assign_coords({dim: np.arange(obj.sizes[dim])})
+        if stderr is not None:
+            stderr = stderr.assign_coords({dim: obj[dim].values})
     dims = list(obj.dims)
     title = f"{obj.name}" + (f"  [{obj.attrs['description']}]" if obj.attrs.get("description") else "")
     if len(dims) == 0:
@@ -184,6 +189,9 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
     if len(dims) == 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         obj.plot.line(ax=ax, marker="o")
+        if stderr is not None:
+            ax.errorbar(obj[dims[0]].values, obj.values, yerr=stderr.values, fmt="none", capsize=3,
+                        color=ax.get_lines()[0].get_color())
         if dims[0] in text_ticks:
             ax.set_xticks(range(len(text_ticks[dims[0]])), text_ticks[dims[0]])
         if spans_decades(dims[0]):
@@ -205,6 +213,16 @@ def plot(obj: xr.DataArray, out: str | Path) -> Path:
             if dim in text_ticks:
                 obj = obj.assign_coords({dim: text_ticks[dim]})
         g = obj.plot.line(x=x, hue=rest[1], col=rest[0], marker="o")
+        if stderr is not None:
+            stderr = stderr.assign_coords({d: obj[d].values for d in rest})   # text labels, as obj's
+            for ax, facet in zip(g.axs.flat, g.name_dicts.flat):
+                if facet is None:
+                    continue
+                # xarray draws one line per hue value, in order: each gets its bars in its colour
+                for line, hue in zip(ax.get_lines(), obj[rest[1]].values):
+                    where = {**facet, rest[1]: hue}
+                    ax.errorbar(obj[x].values, obj.sel(where).values, yerr=stderr.sel(where).values, fmt="none",
+                                capsize=3, color=line.get_color())
         for ax in g.axs.flat:
             if x in text_ticks:
                 ax.set_xticks(range(len(text_ticks[x])), text_ticks[x])

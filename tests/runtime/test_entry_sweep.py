@@ -271,3 +271,33 @@ def test_plot_puts_a_sweep_over_decades_on_a_log_axis(tmp_path, monkeypatch):
     results.plot(llc, tmp_path / "a.png")
     results.plot(llc.assign_coords(localization=[1.0, 2.0, 3.0]), tmp_path / "b.png")
     assert [fig.axes[0].get_xscale() for fig in drawn] == ["log", "linear"]
+
+
+def test_plot_draws_error_bars_from_a_standard_error_beside_the_variable(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from basinprobe.runtime import results
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    coords = {"seed": [0, 1], "hidden": ["[16]", "[48]"], "localization": [1.0, 10.0, 100.0]}
+    llc = xr.DataArray(np.arange(12.0).reshape(2, 2, 3), dims=list(coords), coords=coords, name="llc")
+    results.plot(llc.sel(seed=0, hidden="[16]"), tmp_path / "a.png", 0.1 + 0 * llc.sel(seed=0, hidden="[16]"))
+    results.plot(llc, tmp_path / "b.png", 0.1 + 0 * llc)
+    one, facets = drawn
+    assert len(one.axes[0].containers) == 1
+    # a facet per seed, a line per width: each line has its bars
+    assert [len(ax.containers) for ax in facets.axes if ax.get_lines()] == [2, 2]
+
+
+def test_the_plot_command_finds_the_standard_error(write_spec, cli, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from basinprobe.runtime import results
+
+    assert run_spec(load_spec(write_spec(with_entries(
+        f"{{name: llc, probe: langevin, at: last, with: {LLC}, sweep: {{localization: [1.0, 100.0]}}}}")))).ok
+    passed = []
+    monkeypatch.setattr(results, "plot", lambda obj, out, stderr=None: passed.append(stderr) or out)
+    assert cli("plot", tmp_path / "out.zarr", "llc/llc", "--sel", "seed=0", "-o", tmp_path / "p.png")[0] == 0
+    assert passed[0] is not None and passed[0].name == "llc_stderr"
