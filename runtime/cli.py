@@ -133,12 +133,8 @@ def _time_plan(args, spec, plan, registry, cost, console) -> int:
         console.print(f"timed {where} on {device}: {duration(timing.seconds)} (training and set-up "
                       f"{duration(timing.setup)}; {', '.join(parts) or 'no probe cells'})", highlight=False, markup=False)
         # one line per kind of failure: a diverged training run fails every later cell alike
-        alike: dict[str, list[str]] = {}
-        for failure in timing.failures:
-            alike.setdefault(_kind_of(failure), []).append(failure)
-        for group in alike.values():
-            more = f" [and {len(group) - 1} more like it]" if len(group) > 1 else ""
-            console.print(f"  failed while timing: {group[0]}{more}", highlight=False, markup=False)
+        for line in _alike(timing.failures):
+            console.print(f"  failed while timing: {line}", highlight=False, markup=False)
     estimate = estimate_seconds(plan, cost, timings)
     total = first + estimate["train"] + sum(estimate["probes"].values())
     parts = [f"{name} {duration(seconds)}" for name, seconds in estimate["probes"].items()]
@@ -176,16 +172,21 @@ def capped(kind: str, messages: list[str], store: str) -> list[str]:
     a common one; then where every one of them is kept."""
     if len(messages) <= SHOWN_AFTER_RUN:
         return [f"{kind}: {message}" for message in messages]
-    alike: dict[str, list[str]] = {}
-    for message in messages:
-        alike.setdefault(_kind_of(message), []).append(message)
-    lines = [f"{kind}: {group[0]}" + (f"  [and {len(group) - 1} more like it]" if len(group) > 1 else "")
-             for group in list(alike.values())[:SHOWN_AFTER_RUN]]
-    if len(alike) > SHOWN_AFTER_RUN:
-        lines.append(f"{kind}: ... and {len(alike) - SHOWN_AFTER_RUN} more kinds")
+    grouped = _alike(messages)
+    lines = [f"{kind}: {line}" for line in grouped[:SHOWN_AFTER_RUN]]
+    if len(grouped) > SHOWN_AFTER_RUN:
+        lines.append(f"{kind}: ... and {len(grouped) - SHOWN_AFTER_RUN} more kinds")
     lines.append(f"{kind}: {len(messages)} in all, kept in their groups' `{'failed' if kind == 'failed' else 'warnings'}` "
                  f"attrs: `basinprobe query {store}` lists every one")
     return lines
+
+
+def _alike(messages: list[str]) -> list[str]:
+    """One line per kind of message: its first, with how many more are like it."""
+    groups: dict[str, list[str]] = {}
+    for message in messages:
+        groups.setdefault(_kind_of(message), []).append(message)
+    return [group[0] + (f"  [and {len(group) - 1} more like it]" if len(group) > 1 else "") for group in groups.values()]
 
 
 def _kind_of(message: str) -> str:
@@ -313,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--max-cells", type=int, default=20, help="rows listed per table (sweep points, cells, groups)")
     p.add_argument("--time", action="store_true",
-                   help="run the first sweep point in a scratch store and estimate the whole run's time from it")
+                   help="time the cheapest and the costliest sweep point in scratch stores and estimate the whole "
+                        "run's time from them")
     p.add_argument("--device", help="with --time: the device to time on (default: the spec's)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("run", help="run a spec and write its Zarr store")

@@ -583,15 +583,10 @@ def _check_semantics(doc, validator, source: Path | None) -> list[Problem]:
             problems.append(Problem(mark, ("sweep", path),
                                     f"axes {dims[dim]!r} and {path!r} would both be named {dim!r}"))
         dims[dim] = path
-        seen = {}
-        for j, value in enumerate(values):
-            label = _point_key(value)
-            if label in seen:   # one point twice: two cells would claim one coordinate
-                problems.append(Problem(mark_of(doc, ("sweep", path, j)), ("sweep", path, j),
-                                        f"{plain(value)!r} is the same point as the axis's value number {seen[label] + 1} "
-                                        f"({plain(values[seen[label]])!r}); give each point once"))
-                continue
-            seen[label] = j
+        repeated, firsts = _repeated_points(doc, ("sweep", path), values)
+        problems += repeated
+        for j in firsts:
+            value = values[j]
             trial = copy.deepcopy(unswept)
             try:
                 _set_path(trial, keys, value)
@@ -642,6 +637,21 @@ def _beyond_float32(node, path=()):
     return ((where, v) for where, v in _numbers(node, path) if math.isfinite(v) and abs(v) > FLOAT32_MAX)
 
 
+def _repeated_points(doc, where: tuple, values) -> tuple[list[Problem], list[int]]:
+    """A sweep axis's values given twice (two runs would claim one coordinate), as problems at
+    the repeats; and the positions of the values given first."""
+    problems, seen = [], {}
+    for j, value in enumerate(values):
+        label = _point_key(value)
+        if label in seen:
+            problems.append(Problem(mark_of(doc, where + (j,)), where + (j,),
+                                    f"{plain(value)!r} is the same point as the axis's value number {seen[label] + 1} "
+                                    f"({plain(values[seen[label]])!r}); give each point once"))
+        else:
+            seen[label] = j
+    return problems, list(seen.values())
+
+
 def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[Problem]:
     """Problems of probe entry ``index``'s own sweep: its dims must be new names, each path must
     lead into ``with:`` (and not be set there too), and each value must make a valid entry."""
@@ -680,16 +690,11 @@ def _check_entry_sweep(doc, index: int, validator, reserved: set[str]) -> list[P
             problems.append(Problem(mark, where, f"{path!r} is both set in 'with:' and swept; "
                                                  "remove it from 'with:'"))
             continue
-        seen, found = {}, []
-        for j, value in enumerate(values):
-            value_where = where + (j,)
-            label = _point_key(value)
-            if label in seen:
-                problems.append(Problem(mark_of(doc, value_where), value_where,
-                                        f"{plain(value)!r} is the same point as the axis's value number "
-                                        f"{seen[label] + 1}; give each point once"))
-                continue
-            seen[label] = j
+        repeated, firsts = _repeated_points(doc, where, values)
+        problems += repeated
+        found = []
+        for j in firsts:
+            value, value_where = values[j], where + (j,)
             trial = copy.deepcopy(unswept)
             try:
                 _set_path(trial.setdefault("with", {}), keys, plain(value))
